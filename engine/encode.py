@@ -1,0 +1,66 @@
+"""Batch encoding of image files: decoding runs in DataLoader workers while the model encodes in the main process."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from training.images import BadImage, load_image
+from training.model import HashingNet
+
+
+@dataclass
+class EncodedBatch:
+    positions: list[int]  # positions in the input file list of the images that decoded
+    codes: np.ndarray
+    features: np.ndarray
+    failures: list[tuple[int, str]]  # (position, reason) of files that did not decode
+
+
+class _Files(Dataset):
+    def __init__(self, files: Sequence[Path], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return position, load_image(self.files[position], self.size), None
+        except BadImage as error:
+            return position, None, str(error)
+        except OSError as error:  # permissions, vanished files
+            return position, None, f"{type(error).__name__}: {error}"
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def encode_files(model: HashingNet, files: Sequence[Path], batch_size: int = 256,
+                 workers: int | None = None) -> Iterator[EncodedBatch]:
+    """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    loader = DataLoader(_Files(files, model.config.input_size), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    for items in loader:
+        good = [(position, image) for position, image, _ in items if image is not None]
+        failures = [(position, error) for position, image, error in items if image is None]
+        if good:
+            codes, features = model.encode(torch.stack([image for _, image in good]))
+        else:
+            codes = np.empty((0, model.config.code_bytes), np.uint8)
+            features = np.empty((0, model.config.feature_dim), np.float32)
+        yield EncodedBatch([position for position, _ in good], codes, features, failures)

@@ -1,0 +1,77 @@
+"""Query a catalog: `python -m engine.query --catalog DIR IMAGE [IMAGE ...]`.
+
+Two stages, as in Lin et al.: the `--pool` nearest codes by Hamming distance (or every code within
+`--radius`), re-ranked by Euclidean distance on the stored features (`--no-rerank`: Hamming only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+from engine.errors import run_cli
+from engine.report import write_html
+from engine.search import Result, Searcher
+from training.errors import UserError
+
+EXAMPLES = """examples:
+  python -m engine.query --catalog catalogs/shop shoe.jpg
+  python -m engine.query --catalog catalogs/shop -k 20 --pool 5000 a.jpg b.jpg --html results.html
+  python -m engine.query --catalog catalogs/shop --radius 3 --no-rerank --json query.png
+  python -m engine.query --catalog catalogs/shop --id 1234567890123
+"""
+
+
+def format_table(query: str, results: list[Result]) -> str:
+    lines = [f"query: {query}", f"{'rank':>4}  {'hamming':>7}  {'distance':>9}  {'label':<12}  path"]
+    for r in results:
+        distance = f"{r.distance:9.4f}" if r.distance is not None else f"{'-':>9}"
+        lines.append(f"{r.rank:>4}  {r.hamming:>7}  {distance}  {str(r.label or '-'):<12}  {r.path}")
+    if not results:
+        lines.append("  (no results: try a larger --pool or --radius)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.query", description=__doc__.split("\n\n")[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="*", help="query image files (an indexed path is read from the catalog)")
+    parser.add_argument("--catalog", required=True, help="catalog directory made by build-index")
+    parser.add_argument("--id", type=int, action="append", default=[], help="query with a catalog item id")
+    parser.add_argument("-k", type=int, default=10, help="results per query (default %(default)s)")
+    parser.add_argument("--pool", type=int, help="coarse candidates by Hamming distance (default 100*k)")
+    parser.add_argument("--radius", type=int, help="coarse pool = every code within this Hamming distance")
+    parser.add_argument("--no-rerank", dest="rerank", action="store_false", help="rank by Hamming distance only")
+    parser.add_argument("--model", help="model directory (default: the one that built the catalog)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page of the results")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        if not args.images and not args.id:
+            raise UserError("give at least one query image or --id")
+        with Searcher(args.catalog, args.model, args.device) as searcher:
+            queries, results = [], []
+            if args.images:
+                queries += list(args.images)
+                results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank)
+            if args.id:
+                queries += [f"id:{i}" for i in args.id]
+                results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank)
+        if args.json:
+            print(json.dumps([{"query": q, "results": [asdict(r) for r in rs]} for q, rs in zip(queries, results)],
+                             indent=2))
+        else:
+            print("\n\n".join(format_table(q, rs) for q, rs in zip(queries, results)))
+        if args.html:
+            write_html(args.html, queries, results, f"latenthash: {args.catalog}")
+            print(f"wrote {args.html}", file=sys.stderr)
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""A self-contained HTML page of queries and their results (thumbnails embedded as data URIs)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from engine.search import Result
+
+THUMBNAIL = 96
+
+
+def thumbnail_uri(path: str | os.PathLike | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.seek(0)
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL * 2, THUMBNAIL * 2))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+    except (OSError, ValueError):
+        return None
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure(path: str | None, caption: str) -> str:
+    uri = thumbnail_uri(path)
+    image = f'<img src="{uri}" alt="">' if uri else '<div class="missing">no image</div>'
+    return f'<figure>{image}<figcaption>{caption}</figcaption></figure>'
+
+
+def write_html(file: str | os.PathLike, queries: list[str], results: list[list[Result]], title: str) -> None:
+    rows = []
+    for query, hits in zip(queries, results):
+        cells = [_figure(query if Path(query).exists() else None, f"<b>query</b><br>{html.escape(Path(query).name)}")]
+        for r in hits:
+            distance = f"{r.distance:.3f}" if r.distance is not None else "&ndash;"
+            label = html.escape(str(r.label)) if r.label is not None else ""
+            cells.append(_figure(r.path, f"#{r.rank} {label}<br>ham {r.hamming} &middot; L2 {distance}"))
+        rows.append(f'<section><h2>{html.escape(query)}</h2><div class="row">{"".join(cells)}</div></section>')
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }}
+h1 {{ font-size: 1.3rem; }} h2 {{ font-size: .9rem; font-weight: normal; color: #555; }}
+.row {{ display: flex; flex-wrap: wrap; gap: .6rem; }}
+figure {{ margin: 0; width: {THUMBNAIL}px; font-size: .72rem; text-align: center; }}
+figure:first-child {{ outline: 3px solid #2a7; }}
+img, .missing {{ width: {THUMBNAIL}px; height: {THUMBNAIL}px; object-fit: contain; background: #eee;
+  image-rendering: pixelated; display: block; }}
+</style></head><body><h1>{html.escape(title)}</h1>{"".join(rows)}</body></html>
+"""
+    Path(file).write_text(page)

@@ -1,0 +1,149 @@
+"""The Python API behind `python -m engine.query`: images (or catalog ids) in, ranked catalog items out."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engine.build_index import ENGINE_FILE, item_id
+from engine.encode import pick_device
+from shards import Catalog, CatalogError, Hits
+from training.errors import UserError
+from training.images import BadImage, load_image
+from training.model import load_model
+
+
+@dataclass
+class Result:
+    rank: int
+    id: int
+    path: str | None
+    label: str | None
+    hamming: int
+    distance: float | None
+
+
+@dataclass
+class Timings:
+    """Seconds spent per stage for the whole batch of queries."""
+
+    decode: float = 0.0
+    encode: float = 0.0
+    coarse: float = 0.0
+    rerank: float = 0.0
+
+
+class Searcher:
+    """Two-stage search over a catalog: Hamming pool, then Euclidean re-ranking on stored features.
+
+    The model is the one the catalog was built with (recorded in the catalog) unless `model_dir` is given.
+    """
+
+    def __init__(self, catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+                 device: str = "auto"):
+        self.catalog_dir = Path(catalog_dir)
+        self.catalog = Catalog.open(self.catalog_dir, readonly=True)
+        self._model_dir = model_dir
+        self._device = device
+        self._model = None
+        self.timings = Timings()
+
+    @property
+    def model(self):
+        """Loaded on first use: searching by catalog id needs no model."""
+        if self._model is None:
+            model_dir = self._model_dir
+            if model_dir is None:
+                engine_file = self.catalog_dir / ENGINE_FILE
+                if not engine_file.is_file():
+                    raise UserError(f"{self.catalog_dir} records no model; pass --model MODEL_DIR")
+                model_dir = json.loads(engine_file.read_text())["model_dir"]
+            model = load_model(model_dir, device=pick_device(self._device))
+            if model.fingerprint != self.catalog.manifest.model_fingerprint:
+                raise CatalogError(f"model {model_dir} ({model.fingerprint}) did not make the codes of "
+                                   f"{self.catalog_dir} ({self.catalog.manifest.model_fingerprint})")
+            self._model = model
+        return self._model
+
+    def encode(self, images: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and features of image files (a file already indexed is read from the catalog, not re-encoded)."""
+        paths = [Path(p).resolve() for p in images]
+        stored = self.catalog.get(np.array([item_id(p) for p in paths], dtype=np.int64))
+        codes = np.zeros((len(paths), self.catalog.manifest.layout.code_bytes), np.uint8)
+        features = np.zeros((len(paths), self.catalog.manifest.feature_dim), np.float32)
+        fresh = []
+        for row, item in enumerate(stored):
+            if item is not None:
+                codes[row], features[row] = item.code, item.features
+            else:
+                fresh.append(row)
+        if fresh:
+            start = time.perf_counter()
+            size = self.model.config.input_size
+            try:
+                batch = torch.stack([load_image(paths[row], size) for row in fresh])
+            except BadImage as error:
+                raise UserError(f"cannot read query image: {error}") from error
+            except FileNotFoundError as error:
+                raise UserError(f"query image not found: {error.filename}") from error
+            decoded = time.perf_counter()
+            codes[fresh], features[fresh] = self.model.encode(batch)
+            self.timings.decode += decoded - start
+            self.timings.encode += time.perf_counter() - decoded
+        return codes, features
+
+    def search_codes(self, codes: np.ndarray, features: np.ndarray | None, k: int = 10, pool: int | None = None,
+                     radius: int | None = None, rerank: bool = True) -> list[list[Result]]:
+        if k < 1:
+            raise UserError(f"-k must be at least 1, got {k}")
+        if pool is None and radius is None:
+            pool = 100 * k
+        start = time.perf_counter()
+        candidates = self.catalog.coarse(codes, m=pool, radius=radius)
+        coarse_done = time.perf_counter()
+        if rerank and features is not None:
+            hits = self.catalog.rerank(features, candidates, k)
+        else:
+            hits = [Hits(h.ids[:k], h.hamming[:k]) for h in candidates]
+        self.timings.coarse += coarse_done - start
+        self.timings.rerank += time.perf_counter() - coarse_done
+        return [self._results(h) for h in hits]
+
+    def search(self, images: Sequence[str | os.PathLike], k: int = 10, pool: int | None = None,
+               radius: int | None = None, rerank: bool = True) -> list[list[Result]]:
+        """Search with image files; see `search_codes` for the stages."""
+        codes, features = self.encode(images)
+        return self.search_codes(codes, features, k, pool, radius, rerank)
+
+    def search_ids(self, ids: Sequence[int], k: int = 10, pool: int | None = None, radius: int | None = None,
+                   rerank: bool = True) -> list[list[Result]]:
+        """Search with items already in the catalog, using their stored codes and features."""
+        items = self.catalog.get(np.asarray(ids, dtype=np.int64))
+        missing = [i for i, item in zip(ids, items) if item is None]
+        if missing:
+            raise UserError(f"ids not in the catalog: {missing[:10]}")
+        codes = np.stack([item.code for item in items])
+        features = np.stack([item.features for item in items])
+        return self.search_codes(codes, features, k, pool, radius, rerank)
+
+    def _results(self, hits: Hits) -> list[Result]:
+        metas = self.catalog.metadata(hits.ids)
+        distances = hits.distances if hits.distances is not None else [None] * len(hits)
+        return [Result(rank + 1, int(i), (m or {}).get("path"), (m or {}).get("label"), int(h),
+                       None if d is None else float(d))
+                for rank, (i, h, d, m) in enumerate(zip(hits.ids, hits.hamming, distances, metas))]
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,401 @@
+"""A catalog: a directory of shards plus a manifest, searched in two stages (Hamming, then Euclidean).
+
+Item ids are non-negative 64-bit integers, unique across the catalog; an item lives in shard `id % shard_count`.
+One writer at a time (a lock file); readers work from snapshots and see a write once they `refresh()`.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import faiss
+import msgpack
+import numpy as np
+
+from shards.codes import pad_codes
+from shards.errors import CatalogError, DuplicateIdError
+from shards.shard import FEATURE_DTYPES, INDEX_TYPES, Shard, ShardLayout
+
+MANIFEST = "manifest.json"
+JOURNAL = "add.journal"
+WRITER_LOCK = "writer.lock"
+FORMAT = "latenthash-catalog"
+FORMAT_VERSION = 1
+_pack = msgpack.Packer(use_bin_type=True).pack  # metadata format: msgpack, ~10x faster than json here
+
+
+@dataclass
+class Manifest:
+    bits: int
+    feature_dim: int
+    shard_count: int = 4
+    feature_dtype: str = "float16"
+    index_type: str = "flat"
+    hash_bits: int = 16
+    model_fingerprint: str | None = None
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def layout(self) -> ShardLayout:
+        return ShardLayout(self.bits, self.feature_dim, self.feature_dtype, self.index_type, self.hash_bits)
+
+    @classmethod
+    def read(cls, path: Path) -> "Manifest":
+        file = path / MANIFEST
+        if not file.is_file():
+            raise CatalogError(f"{file}: missing; {path} is not a latenthash catalog")
+        try:
+            fields = json.loads(file.read_text())
+            manifest = cls(**fields)
+        except (OSError, json.JSONDecodeError, TypeError) as error:
+            raise CatalogError(f"{file}: corrupted manifest ({error})") from error
+        if manifest.format != FORMAT:
+            raise CatalogError(f"{file}: not a latenthash catalog manifest")
+        if not isinstance(manifest.format_version, int) or manifest.format_version > FORMAT_VERSION:
+            raise CatalogError(f"{file}: format version {manifest.format_version} is newer than this latenthash "
+                               f"reads ({FORMAT_VERSION}); upgrade latenthash")
+        return manifest
+
+
+@dataclass
+class Item:
+    id: int
+    code: np.ndarray  # packed uint8
+    features: np.ndarray  # float32
+    meta: dict | None
+
+
+@dataclass
+class Hits:
+    """One query's results, best first: ids, their Hamming distances and (after re-ranking) Euclidean ones."""
+
+    ids: np.ndarray
+    hamming: np.ndarray
+    distances: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _write_atomic(file: Path, data: bytes) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+    directory = os.open(file.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _sort_hits(hamming: np.ndarray, ids: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    order = np.lexsort((ids, hamming))[:limit]
+    return ids[order], hamming[order]
+
+
+class Catalog:
+    def __init__(self, path: Path, manifest: Manifest, readonly: bool, threads: int | None = None):
+        self.path = path
+        self.manifest = manifest
+        self.readonly = readonly
+        self._lock_file = None
+        if not readonly:
+            self._take_writer_lock()
+        self.shards: list[Shard] = []
+        try:
+            self.shards = [Shard(path / f"shard-{i:04d}", manifest.layout, readonly)
+                           for i in range(manifest.shard_count)]
+            if not readonly:
+                self._roll_back_unfinished_add()
+        except BaseException:
+            self.close()
+            raise
+        self.threads = threads or min(manifest.shard_count * 2, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self._fp16 = faiss.ScalarQuantizer(manifest.feature_dim, faiss.ScalarQuantizer.QT_fp16)
+
+    # ------------------------------------------------------------------ create / open / close
+    @classmethod
+    def create(cls, path: str | os.PathLike, bits: int, feature_dim: int, shards: int = 4,
+               index: str = "flat", feature_dtype: str = "float16", model_fingerprint: str | None = None,
+               hash_bits: int = 16, threads: int | None = None) -> "Catalog":
+        """A new, empty catalog opened for writing."""
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise CatalogError(f"{path / MANIFEST}: a catalog already exists here")
+        if bits < 1 or feature_dim < 1 or shards < 1:
+            raise CatalogError(f"{path}: bits, feature dim and shard count must be positive")
+        if index not in INDEX_TYPES:
+            raise CatalogError(f"unknown index type '{index}'; choose one of {', '.join(INDEX_TYPES)}")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise CatalogError(f"unknown feature dtype '{feature_dtype}'; choose one of {', '.join(FEATURE_DTYPES)}")
+        manifest = Manifest(bits=bits, feature_dim=feature_dim, shard_count=shards, feature_dtype=feature_dtype,
+                            index_type=index, hash_bits=hash_bits, model_fingerprint=model_fingerprint)
+        path.mkdir(parents=True, exist_ok=True)
+        catalog = cls(path, manifest, readonly=False, threads=threads)
+        _write_atomic(path / MANIFEST, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
+        return catalog
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, readonly: bool = True, model_fingerprint: str | None = None,
+             threads: int | None = None) -> "Catalog":
+        """Open an existing catalog; with `model_fingerprint`, refuse one whose codes another model made."""
+        path = Path(path)
+        manifest = Manifest.read(path)
+        if model_fingerprint is not None and manifest.model_fingerprint not in (None, model_fingerprint):
+            raise CatalogError(f"{path / MANIFEST}: made by model {manifest.model_fingerprint}, not "
+                               f"{model_fingerprint}; its codes are not comparable")
+        return cls(path, manifest, readonly, threads)
+
+    def _take_writer_lock(self) -> None:
+        self._lock_file = open(self.path / WRITER_LOCK, "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise CatalogError(f"{self.path / WRITER_LOCK}: another process is writing this catalog") from None
+
+    def flush(self) -> None:
+        for shard in self.shards:
+            shard.flush()
+
+    def refresh(self) -> None:
+        """Readers: see everything committed since opening (or the last refresh)."""
+        for shard in self.shards:
+            shard.refresh()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        if not self.readonly and self.shards:
+            self.flush()
+        for shard in self.shards:
+            shard.close()
+        self.shards = []
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ validation
+    @property
+    def bits(self) -> int:
+        return self.manifest.bits
+
+    def _check_codes(self, codes: np.ndarray, what: str = "codes") -> np.ndarray:
+        codes = np.asarray(codes)
+        width = self.manifest.layout.code_bytes
+        if codes.ndim != 2 or codes.shape[1] != width or codes.dtype != np.uint8:
+            raise CatalogError(f"{self.path}: {what} must be uint8 of shape (n, {width}) for {self.bits}-bit codes, "
+                               f"got {codes.dtype} {codes.shape}")
+        return np.ascontiguousarray(codes)
+
+    def _check_features(self, features: np.ndarray, n: int) -> np.ndarray:
+        features = np.asarray(features)
+        if features.shape != (n, self.manifest.feature_dim):
+            raise CatalogError(f"{self.path}: features must have shape ({n}, {self.manifest.feature_dim}), "
+                               f"got {features.shape}")
+        return features
+
+    def _check_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise CatalogError(f"{self.path}: ids must be a 1-D integer array")
+        ids = ids.astype(np.int64)
+        if len(ids) and ids.min() < 0:
+            raise CatalogError(f"{self.path}: ids must be non-negative")
+        return ids
+
+    def _by_shard(self, ids: np.ndarray) -> list[np.ndarray]:
+        """For each shard, the positions in `ids` of the items it holds."""
+        owner = ids % self.manifest.shard_count
+        return [np.flatnonzero(owner == s) for s in range(self.manifest.shard_count)]
+
+    # ------------------------------------------------------------------ writes
+    def add(self, ids: Sequence[int] | np.ndarray, codes: np.ndarray, features: np.ndarray,
+            metas: Sequence[dict] | None = None) -> None:
+        """Add a batch: all of it or none, across shards, even if the process is killed midway."""
+        if self.readonly:
+            raise CatalogError(f"{self.path}: opened read-only")
+        ids = self._check_ids(ids)
+        codes = self._check_codes(codes)
+        features = self._check_features(features, len(ids)).astype(self.manifest.feature_dtype, copy=False)
+        if len(codes) != len(ids) or (metas is not None and len(metas) != len(ids)):
+            raise CatalogError(f"{self.path}: ids, codes, features and metadata must have the same length")
+        if len(np.unique(ids)) != len(ids):
+            raise DuplicateIdError(f"{self.path}: the batch names an id twice")
+        encoded = [_pack(m) for m in metas] if metas is not None else None
+        parts = [(shard, rows) for shard, rows in zip(self.shards, self._by_shard(ids)) if len(rows)]
+        for shard, rows in parts:  # refuse before anything is written: no partial batch on a duplicate
+            present = [int(ids[r]) for r, code in zip(rows, shard.codes(ids[rows])) if code is not None]
+            if present:
+                raise DuplicateIdError(f"{shard.path}: ids already in the catalog: {present[:10]}")
+        journal = self.path / JOURNAL
+        _write_atomic(journal, ids.tobytes())
+        for shard, rows in parts:
+            shard.add(ids[rows], codes[rows], features[rows],
+                      [encoded[r] for r in rows] if encoded is not None else None)
+        journal.unlink()
+
+    def _roll_back_unfinished_add(self) -> None:
+        """An add killed between its shard commits left a journal: undo that batch so adds stay all-or-nothing."""
+        journal = self.path / JOURNAL
+        if not journal.exists():
+            return
+        ids = np.frombuffer(journal.read_bytes(), dtype=np.int64)
+        for shard, rows in zip(self.shards, self._by_shard(ids)):
+            if len(rows):
+                shard.delete(ids[rows])
+        journal.unlink()
+
+    def delete(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Delete items (absent ids are ignored); returns how many were removed."""
+        if self.readonly:
+            raise CatalogError(f"{self.path}: opened read-only")
+        ids = self._check_ids(ids)
+        return sum(shard.delete(ids[rows]) for shard, rows in zip(self.shards, self._by_shard(ids)) if len(rows))
+
+    # ------------------------------------------------------------------ reads
+    def __len__(self) -> int:
+        return sum(len(shard) for shard in self.shards)
+
+    count = __len__
+
+    def _to_float32(self, raw: bytes, n: int) -> np.ndarray:
+        """Stored feature bytes of n items to float32; Faiss's SIMD fp16 decoder is ~3x faster than numpy's."""
+        array = np.frombuffer(raw, dtype=np.uint8).reshape(n, self.manifest.layout.feature_bytes)
+        if self.manifest.feature_dtype == "float16":
+            return self._fp16.decode(array)
+        return array.view(np.float32).copy()
+
+    def _fetch(self, ids: np.ndarray, read) -> list[bytes | None]:
+        """Per id (in order), what `read(shard, ids)` returns from the shard that owns it."""
+        found: list[bytes | None] = [None] * len(ids)
+        for shard, rows in zip(self.shards, self._by_shard(ids)):
+            if len(rows):
+                for row, value in zip(rows, read(shard, ids[rows])):
+                    found[row] = value
+        return found
+
+    def get(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
+        """Full items (None for absent ids)."""
+        ids = self._check_ids(ids)
+        codes = self._fetch(ids, Shard.codes)
+        features = self._fetch(ids, Shard.features)
+        metas = self._fetch(ids, Shard.metas)
+        return [Item(int(i), np.frombuffer(c, np.uint8).copy(), self._to_float32(f, 1)[0], m) if c is not None
+                else None for i, c, f, m in zip(ids, codes, features, metas)]
+
+    def metadata(self, ids: Sequence[int] | np.ndarray) -> list[dict | None]:
+        """Metadata of the given ids (None for absent ids or items stored without any)."""
+        return self._fetch(self._check_ids(ids), Shard.metas)
+
+    def features(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float32 features of the given ids, read straight from LMDB (only these records)."""
+        ids = self._check_ids(ids)
+        raw = self._fetch(ids, Shard.features)
+        if any(r is None for r in raw):
+            missing = [int(i) for i, r in zip(ids, raw) if r is None]
+            raise CatalogError(f"{self.path}: ids not in the catalog: {missing[:10]}")
+        return self._to_float32(b"".join(raw), len(ids))
+
+    def __iter__(self) -> Iterator[Item]:
+        """Every item, shard by shard, in id order within each shard."""
+        for shard in self.shards:
+            for item_id, code, features, meta in shard.iterate():
+                yield Item(item_id, np.frombuffer(code, np.uint8).copy(), self._to_float32(features, 1)[0], meta)
+
+    # ------------------------------------------------------------------ search
+    def _map(self, function, tasks: list) -> list:
+        """Run tasks on the pool, whose threads each run Faiss single-threaded (Faiss releases the GIL)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, initializer=faiss.omp_set_num_threads, initargs=(1,))
+        return list(self._pool.map(function, tasks))
+
+    def _tasks(self, n_queries: int) -> list[tuple[Shard, slice]]:
+        """(shard, query slice) pairs: shards in parallel, and query batches split so every thread has work."""
+        chunks = max(1, min(n_queries // 16, -(-self.threads // len(self.shards))))
+        bounds = np.linspace(0, n_queries, chunks + 1).astype(int)
+        return [(shard, slice(a, b)) for shard in self.shards for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def coarse(self, query_codes: np.ndarray, m: int | None = None, radius: int | None = None) -> list[Hits]:
+        """Hamming stage. `m`: the m nearest codes; `radius`: every code within that distance (capped at m if
+        both are given). Exact: equal to one flat index over all items, ties broken by id."""
+        if m is None and radius is None:
+            raise CatalogError("coarse search needs m (pool size) or radius")
+        if m is not None and m < 1 or radius is not None and radius < 0:
+            raise CatalogError(f"pool size must be >= 1 and radius >= 0, got m={m}, radius={radius}")
+        queries = pad_codes(self._check_codes(query_codes, "query codes"), self.bits)
+        for shard in self.shards:
+            shard.sync_index()
+        tasks = self._tasks(len(queries))
+        if radius is None:
+            parts = self._map(lambda t: t[0].search_knn(queries[t[1]], m), tasks)
+            return self._merge_knn(parts, tasks, len(queries), m)
+        parts = self._map(lambda t: t[0].search_radius(queries[t[1]], radius), tasks)
+        per_query: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
+        for (shard, rows), found in zip(tasks, parts):
+            for q, hits in zip(range(rows.start, rows.stop), found):
+                per_query[q].append(hits)
+        return [Hits(*_sort_hits(np.concatenate([h[0] for h in hits]), np.concatenate([h[1] for h in hits]), m))
+                for hits in per_query]
+
+    def _merge_knn(self, parts: list, tasks: list, n_queries: int, m: int) -> list[Hits]:
+        width = max((p[0].shape[1] for p in parts), default=0)
+        hamming = np.full((n_queries, len(self.shards) * width), np.iinfo(np.int32).max, dtype=np.int32)
+        found = np.full_like(hamming, -1, dtype=np.int64)
+        for (shard, rows), (d, i) in zip(tasks, parts):
+            column = self.shards.index(shard) * width
+            hamming[rows, column:column + d.shape[1]] = d
+            found[rows, column:column + i.shape[1]] = i
+        missing = found < 0
+        hamming[missing] = np.iinfo(np.int32).max
+        if len(self.shards) > 1:
+            order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, found), hamming), axis=-1)[:, :m]
+            hamming, found = np.take_along_axis(hamming, order, 1), np.take_along_axis(found, order, 1)
+        return [Hits(i[i >= 0], d[i >= 0]) for d, i in zip(hamming[:, :m], found[:, :m])]
+
+    def rerank(self, query_features: np.ndarray, candidates: list[Hits], k: int) -> list[Hits]:
+        """Euclidean stage: the top k of each query's candidates by exact distance on stored features
+        (ties by id)."""
+        query_features = self._check_features(query_features, len(candidates)).astype(np.float32)
+        results = []
+        for query, hits in zip(query_features, candidates):
+            if not len(hits):
+                results.append(Hits(hits.ids, hits.hamming, np.empty(0, np.float32)))
+                continue
+            features = self.features(hits.ids)
+            squared = np.einsum("ij,ij->i", features - query, features - query)
+            order = np.lexsort((hits.ids, squared))[:k]
+            results.append(Hits(hits.ids[order], hits.hamming[order], np.sqrt(squared[order])))
+        return results
+
+    def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = 10,
+               pool: int | None = None, radius: int | None = None) -> list[Hits]:
+        """Two-stage search for a batch of queries: a Hamming pool (`pool` nearest codes, default 100*k, or
+        every code within `radius`), re-ranked by Euclidean distance; Hamming order alone without features."""
+        if k < 1:
+            raise CatalogError(f"k must be >= 1, got {k}")
+        if pool is None and radius is None:
+            pool = 100 * k
+        candidates = self.coarse(query_codes, m=pool, radius=radius)
+        if query_features is None:
+            return [Hits(h.ids[:k], h.hamming[:k]) for h in candidates]
+        return self.rerank(query_features, candidates, k)

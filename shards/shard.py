@@ -1,0 +1,322 @@
+"""One shard: an LMDB environment holding items (code + features), their metadata, and a Faiss binary index.
+
+In memory a shard keeps its ids sorted with their padded codes in the same order, so Faiss's scan order is id
+order and its ties come out broken by id. The serialized index is stored beside the items with the generation
+it reflects; opening a shard whose stored index is missing, stale or damaged rebuilds it from the items.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import faiss
+import lmdb
+import msgpack
+import numpy as np
+
+from shards.codes import code_bytes, pad_codes, padded_bytes
+from shards.errors import CatalogError, DuplicateIdError
+
+INITIAL_MAP_SIZE = 256 << 20
+FEATURE_DTYPES = ("float16", "float32")
+INDEX_TYPES = ("flat", "hash")
+KNN_HASH_FLIPS = 2  # top-m on an IndexBinaryHash looks this many bit flips around the query's bucket
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """What every record of a shard looks like, and which index serves it."""
+
+    bits: int
+    feature_dim: int
+    feature_dtype: str = "float16"
+    index_type: str = "flat"
+    hash_bits: int = 16
+
+    @property
+    def code_bytes(self) -> int:
+        return code_bytes(self.bits)
+
+    @property
+    def padded_bytes(self) -> int:
+        return padded_bytes(self.bits)
+
+    @property
+    def feature_bytes(self) -> int:
+        return self.feature_dim * np.dtype(self.feature_dtype).itemsize
+
+
+def id_keys(ids: np.ndarray) -> list[bytes]:
+    """8-byte big-endian keys, so LMDB's byte order is id order."""
+    raw = np.asarray(ids, dtype=">u8").tobytes()
+    return [raw[i:i + 8] for i in range(0, len(raw), 8)]
+
+
+def _rows(array: np.ndarray) -> list[memoryview]:
+    """Zero-copy per-row byte views of a 2-D array, for LMDB's putmulti."""
+    width = array.shape[1] * array.itemsize
+    flat = memoryview(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+    return [flat[i * width:(i + 1) * width] for i in range(len(array))]
+
+
+def _keys_to_ids(keys: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
+
+
+class Shard:
+    def __init__(self, path: str | os.PathLike, layout: ShardLayout, readonly: bool = True):
+        self.path = Path(path)
+        self.layout = layout
+        self.readonly = readonly
+        self.data_file = self.path / "data.mdb"
+        if readonly and not self.data_file.is_file():
+            raise CatalogError(f"{self.data_file}: shard data file is missing")
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(str(self.path), max_dbs=4, map_size=INITIAL_MAP_SIZE, readonly=readonly,
+                                 readahead=False, meminit=False, max_readers=512, sync=False)
+        except lmdb.Error as error:
+            raise CatalogError(f"{self.data_file}: not a readable LMDB file ({error})") from error
+        self._check_not_truncated()
+        try:
+            self._codes_db = self.env.open_db(b"codes", create=not readonly)
+            self._features_db = self.env.open_db(b"features", create=not readonly)
+            self._meta = self.env.open_db(b"meta", create=not readonly)
+            self._info = self.env.open_db(b"info", create=not readonly)
+        except lmdb.Error as error:
+            self.env.close()
+            raise CatalogError(f"{self.data_file}: damaged or not a latenthash shard ({error})") from error
+        self._snapshot: lmdb.Transaction | None = None
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.refresh()
+
+    # ------------------------------------------------------------------ opening and persistence
+    def _check_not_truncated(self) -> None:
+        """A data file shorter than its own last page would SIGBUS on access: refuse it instead."""
+        info, psize = self.env.info(), self.env.stat()["psize"]
+        needed = (info["last_pgno"] + 1) * psize
+        size = self.data_file.stat().st_size
+        if size < needed:
+            self.env.close()
+            raise CatalogError(f"{self.data_file}: truncated ({size} bytes, its pages need {needed})")
+
+    def refresh(self) -> None:
+        """(Re)load the in-memory index; a reader takes a new snapshot and from then on sees what it saw."""
+        if self._snapshot is not None:
+            self._snapshot.abort()
+        if self.readonly:
+            try:
+                self._snapshot = self.env.begin(buffers=False)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+                self._snapshot = self.env.begin(buffers=False)
+        with self._read() as txn:
+            self._load(txn)
+
+    def _read(self) -> Any:
+        """The reader's snapshot, or a fresh read transaction for the writer (usable with `with`)."""
+        if self._snapshot is not None:
+            return _Borrowed(self._snapshot)
+        return self.env.begin()
+
+    def _load(self, txn: lmdb.Transaction) -> None:
+        self._pending = []
+        self.generation = int(txn.get(b"generation", db=self._info) or b"0")
+        entries = txn.stat(self._codes_db)["entries"]
+        stored = txn.get(b"index_generation", db=self._info)
+        if stored is not None and int(stored) == self.generation:
+            try:
+                ids = np.frombuffer(txn.get(b"ids", db=self._info), dtype=np.int64).copy()
+                codes = np.frombuffer(txn.get(b"codes", db=self._info), dtype=np.uint8)
+                codes = codes.reshape(-1, self.layout.padded_bytes).copy()
+                index = faiss.deserialize_index_binary(np.frombuffer(txn.get(b"index", db=self._info), np.uint8))
+                if len(ids) == len(codes) == index.ntotal == entries and index.d == self.layout.padded_bytes * 8:
+                    self._ids, self._codes, self._index = ids, codes, index
+                    self.index_loaded_from_disk = True
+                    return
+            except (TypeError, ValueError, RuntimeError):
+                pass  # damaged: rebuild below
+        self._rebuild_from_codes(txn)
+        self.index_loaded_from_disk = False
+
+    def _rebuild_from_codes(self, txn: lmdb.Transaction) -> None:
+        keys, codes = [], []
+        for key, code in txn.cursor(db=self._codes_db):
+            keys.append(key)
+            codes.append(code)
+        ids = _keys_to_ids(keys) if keys else np.empty(0, dtype=np.int64)
+        packed = np.frombuffer(b"".join(codes), dtype=np.uint8).reshape(len(keys), self.layout.code_bytes)
+        self._set_index(ids, pad_codes(packed, self.layout.bits))
+
+    def _set_index(self, ids: np.ndarray, padded: np.ndarray) -> None:
+        layout = self.layout
+        if layout.index_type == "flat":
+            index = faiss.IndexBinaryFlat(layout.padded_bytes * 8)
+            index.use_heap = False  # counting selection: faster here, and keeps ties in scan (= id) order
+        else:
+            index = faiss.IndexBinaryHash(layout.padded_bytes * 8, min(layout.hash_bits, layout.bits))
+        if len(ids):
+            index.add(padded)
+        self._ids, self._codes, self._index = ids, padded, index
+
+    def sync_index(self) -> None:
+        """Fold adds made since the last search into the sorted arrays and the Faiss index (not thread-safe:
+        the catalog calls it before it fans out)."""
+        if not self._pending:
+            return
+        ids = np.concatenate([self._ids] + [p[0] for p in self._pending])
+        codes = np.concatenate([self._codes] + [p[1] for p in self._pending])
+        self._pending = []
+        order = np.argsort(ids, kind="stable")
+        self._set_index(ids[order], codes[order])
+
+    def flush(self) -> None:
+        """Store the index with the generation it reflects, so the next open needs no rebuild."""
+        self._require_writer()
+        self.sync_index()
+        index_blob = faiss.serialize_index_binary(self._index).tobytes()
+
+        def store(txn: lmdb.Transaction) -> None:
+            if int(txn.get(b"generation", db=self._info) or b"0") != self.generation:
+                raise CatalogError(f"{self.data_file}: changed by another writer")
+            txn.put(b"index", index_blob, db=self._info)
+            txn.put(b"ids", self._ids.tobytes(), db=self._info)
+            txn.put(b"codes", self._codes.tobytes(), db=self._info)
+            txn.put(b"index_generation", str(self.generation).encode(), db=self._info)
+
+        self._write(store)
+        self.env.sync(True)  # commits skip fsync (safe against process crashes); a flush makes them durable
+
+    def close(self) -> None:
+        if self._snapshot is not None:
+            self._snapshot.abort()
+            self._snapshot = None
+        self.env.close()
+
+    # ------------------------------------------------------------------ writes
+    def _require_writer(self) -> None:
+        if self.readonly:
+            raise CatalogError(f"{self.path}: opened read-only")
+
+    def _write(self, body: Callable[[lmdb.Transaction], Any]) -> Any:
+        """Run `body` in one write transaction, doubling the map size and retrying while LMDB is full."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    return body(txn)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def _bump_generation(self, txn: lmdb.Transaction) -> int:
+        generation = int(txn.get(b"generation", db=self._info) or b"0") + 1
+        txn.put(b"generation", str(generation).encode(), db=self._info)
+        return generation
+
+    def add(self, ids: np.ndarray, codes: np.ndarray, features: np.ndarray, metas: list[bytes] | None) -> None:
+        """Add one batch in one transaction: all of it is committed, or none. Inputs are validated upstream."""
+        self._require_writer()
+        keys = id_keys(ids)
+
+        def put(txn: lmdb.Transaction) -> int:
+            consumed, added = txn.cursor(db=self._codes_db).putmulti(zip(keys, _rows(codes)), overwrite=False)
+            if added != len(keys):
+                present = [int(i) for i, k in zip(ids, keys) if txn.get(k, db=self._codes_db) is not None]
+                raise DuplicateIdError(f"{self.path}: ids already in the catalog: {present[:10]}")
+            txn.cursor(db=self._features_db).putmulti(zip(keys, _rows(features)))
+            if metas is not None:
+                txn.cursor(db=self._meta).putmulti(zip(keys, metas))
+            return self._bump_generation(txn)
+
+        self.generation = self._write(put)
+        self._pending.append((np.asarray(ids, dtype=np.int64), pad_codes(codes, self.layout.bits)))
+
+    def delete(self, ids: np.ndarray) -> int:
+        """Delete ids (absent ones are ignored) in one transaction; returns how many were present."""
+        self._require_writer()
+        keys = id_keys(ids)
+
+        def remove(txn: lmdb.Transaction) -> tuple[int, int]:
+            removed = sum(txn.delete(k, db=self._codes_db) for k in keys)
+            for k in keys:
+                txn.delete(k, db=self._features_db)
+                txn.delete(k, db=self._meta)
+            return removed, self._bump_generation(txn)
+
+        removed, self.generation = self._write(remove)
+        self.sync_index()
+        keep = ~np.isin(self._ids, np.asarray(ids, dtype=np.int64))
+        if not keep.all():
+            self._set_index(self._ids[keep], self._codes[keep])
+        return removed
+
+    # ------------------------------------------------------------------ reads
+    def __len__(self) -> int:
+        return len(self._ids) + sum(len(p[0]) for p in self._pending)
+
+    def _get(self, ids: np.ndarray, db: Any) -> list[bytes | None]:
+        keys = id_keys(ids)
+        with self._read() as txn:
+            found = dict(txn.cursor(db=db).getmulti(keys))
+        return [found.get(k) for k in keys]
+
+    def codes(self, ids: np.ndarray) -> list[bytes | None]:
+        """Packed codes of `ids` (None where absent)."""
+        return self._get(ids, self._codes_db)
+
+    def features(self, ids: np.ndarray) -> list[bytes | None]:
+        """Raw stored feature bytes of `ids` (None where absent)."""
+        return self._get(ids, self._features_db)
+
+    def metas(self, ids: np.ndarray) -> list[dict | None]:
+        return [msgpack.unpackb(r) if r is not None else None for r in self._get(ids, self._meta)]
+
+    def iterate(self) -> Iterator[tuple[int, bytes, bytes, dict | None]]:
+        """(id, code, feature bytes, metadata) in id order, from one consistent transaction."""
+        with self._read() as txn:
+            features, metas = txn.cursor(db=self._features_db), txn.cursor(db=self._meta)
+            for key, code in txn.cursor(db=self._codes_db):
+                meta = metas.get(key)
+                yield (int.from_bytes(key, "big"), code, features.get(key),
+                       msgpack.unpackb(meta) if meta is not None else None)
+
+    def search_knn(self, padded_queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, ids) of the m nearest codes per query, sorted by (distance, id); id -1 pads."""
+        k = min(m, len(self._ids))
+        if k == 0:
+            empty = np.empty((len(padded_queries), 0))
+            return empty.astype(np.int32), empty.astype(np.int64)
+        if self.layout.index_type == "hash":
+            self._index.nflip = min(KNN_HASH_FLIPS, self._index.b)
+        distances, positions = self._index.search(padded_queries, k)
+        ids = np.where(positions >= 0, self._ids[np.maximum(positions, 0)], -1)
+        if self.layout.index_type != "flat":  # hash buckets come back in bucket order
+            missing = ids < 0
+            order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, ids),
+                                np.where(missing, np.iinfo(np.int32).max, distances)), axis=-1)
+            distances, ids = np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
+        return distances.astype(np.int32), ids
+
+    def search_radius(self, padded_queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, every item within Hamming distance `radius` (inclusive), unsorted."""
+        if len(self._ids) == 0:
+            return [(np.empty(0, np.int32), np.empty(0, np.int64)) for _ in padded_queries]
+        if self.layout.index_type == "hash":
+            self._index.nflip = min(radius, self._index.b)  # visit every bucket the radius can reach: exact
+        limits, distances, positions = self._index.range_search(padded_queries, radius + 1)
+        return [(distances[limits[q]:limits[q + 1]].astype(np.int32), self._ids[positions[limits[q]:limits[q + 1]]])
+                for q in range(len(padded_queries))]
+
+
+class _Borrowed:
+    """Lets a long-lived snapshot transaction be used in a `with` block without being closed by it."""
+
+    def __init__(self, txn: lmdb.Transaction):
+        self.txn = txn
+
+    def __enter__(self) -> lmdb.Transaction:
+        return self.txn
+
+    def __exit__(self, *exc: object) -> None:
+        return None

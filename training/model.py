@@ -1,0 +1,207 @@
+"""The hashing network of Lin et al. (CVPRW 2015): backbone -> latent layer (Linear + sigmoid) -> classifier.
+
+Any timm backbone works; thresholding the latent sigmoid at 0.5 gives the binary code, and the pooled
+backbone features (what the latent layer reads) are kept for Euclidean re-ranking.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from training import backbones  # noqa: F401  (registers the CIFAR-native backbones with timm)
+from training.errors import UserError
+
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model and feed it images the way it was trained."""
+
+    backbone: str
+    bits: int
+    class_names: list[str]
+    input_size: int = 32
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    feature_dim: int = 0
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def code_bytes(self) -> int:
+        return (self.bits + 7) // 8
+
+
+def check_backbone_name(name: str) -> None:
+    """Fail with close suggestions for a name timm does not know."""
+    known = timm.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise UserError(f"unknown backbone '{name}'{hint}")
+
+
+class HashingNet(nn.Module):
+    """Backbone + latent layer H (K sigmoid units) + classifier, trained with plain cross-entropy.
+
+    `forward` takes uint8 images (N, 3, S, S): normalisation lives inside the model so that training,
+    indexing and querying can never disagree on it.
+    """
+
+    def __init__(self, config: ModelConfig, backbone: nn.Module):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        feature_dim = backbone.num_features
+        config.feature_dim = feature_dim
+        self.latent = nn.Linear(feature_dim, config.bits)
+        self.classifier = nn.Linear(config.bits, len(config.class_names))
+        nn.init.normal_(self.latent.weight, std=0.005)  # the paper's initialisation of H
+        nn.init.constant_(self.latent.bias, 1.0)
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features: the re-ranking features and the latent layer's input."""
+        return self.backbone(self.normalize(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.sigmoid(self.latent(self.features(images))))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Packed codes (uint8, np.packbits order: bit i = latent unit i, MSB first) and float32 features."""
+        features = self.features(images.to(self.mean.device)).float()
+        activations = torch.sigmoid(self.latent(features))
+        bits = (activations > 0.5).cpu().numpy()
+        return np.packbits(bits, axis=1), features.cpu().numpy()
+
+
+def create_model(
+    backbone: str,
+    bits: int,
+    class_names: list[str],
+    input_size: int = 32,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+) -> HashingNet:
+    """Build a hashing network on a timm backbone (`pretrained` = timm hub weights, `weights` = a local file)."""
+    if bits < 1:
+        raise UserError(f"--bits must be at least 1, got {bits}")
+    if len(class_names) < 2:
+        raise UserError(f"need at least two classes to train, found {len(class_names)}")
+    check_backbone_name(backbone)
+    try:
+        net = timm.create_model(backbone, pretrained=pretrained, num_classes=0)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise UserError(f"could not create backbone '{backbone}' (pretrained={pretrained}): {error}") from error
+    data_config = timm.data.resolve_data_config({}, model=net)
+    mean = tuple(data_config.get("mean", IMAGENET_MEAN))
+    std = tuple(data_config.get("std", IMAGENET_STD))
+    if weights is not None:
+        load_backbone_weights(net, weights)
+    config = ModelConfig(backbone=backbone, bits=bits, class_names=list(class_names), input_size=input_size,
+                         mean=mean, std=std)
+    return HashingNet(config, net)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local .safetensors or .pth/.pt state dict into the backbone, ignoring its classifier head."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state:
+                state = state["state_dict"]
+            if isinstance(state, dict) and "model" in state:
+                state = state["model"]
+    except Exception as error:  # any unreadable file: the user gets one line
+        raise UserError(f"cannot read --weights file {path}: {error}") from error
+    if not isinstance(state, dict):
+        raise UserError(f"--weights file {path} holds no state dict")
+    own = backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise UserError(f"--weights file {path} has no tensor matching backbone {type(backbone).__name__}")
+    backbone.load_state_dict(usable, strict=False)
+
+
+def _atomic_write(path: Path, write) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _fingerprint(weights_file: Path, config: dict) -> str:
+    digest = hashlib.sha256(weights_file.read_bytes())
+    digest.update(json.dumps({k: v for k, v in config.items() if k != "fingerprint"}, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def save_model(model: HashingNet, directory: str | os.PathLike) -> str:
+    """Write `model.safetensors` + `config.json` (with the fingerprint catalogs record); returns the fingerprint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = directory / "model.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(weights, lambda p: save_file(state, str(p)))
+    config = asdict(model.config)
+    config["fingerprint"] = _fingerprint(weights, config)
+    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    return config["fingerprint"]
+
+
+def read_model_config(directory: str | os.PathLike) -> dict:
+    """config.json of a model directory, checked for existence and format version."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{directory} is not a latenthash model directory (no config.json)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read {path}: {error}") from error
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path} has model format version {version}; this latenthash reads up to "
+                        f"{FORMAT_VERSION}: upgrade latenthash")
+    return config
+
+
+def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> HashingNet:
+    """A saved model in eval mode, encoding exactly as when it was saved; `model.fingerprint` is set."""
+    directory = Path(directory)
+    stored = read_model_config(directory)
+    fingerprint = stored.pop("fingerprint", None)
+    config = ModelConfig(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in stored.items()})
+    check_backbone_name(config.backbone)
+    model = HashingNet(config, timm.create_model(config.backbone, pretrained=False, num_classes=0))
+    weights = directory / "model.safetensors"
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as error:
+        raise UserError(f"cannot load weights {weights}: {error}") from error
+    model.fingerprint = fingerprint or _fingerprint(weights, stored)
+    return model.to(device).eval()

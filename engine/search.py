@@ -74,6 +74,9 @@ class Searcher:
     def encode(self, images: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
         """Codes and features of image files (a file already indexed is read from the catalog, not re-encoded)."""
         paths = [Path(p).resolve() for p in images]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise UserError(f"query image not found: {', '.join(missing)}")
         stored = self.catalog.get(np.array([item_id(p) for p in paths], dtype=np.int64))
         codes = np.zeros((len(paths), self.catalog.manifest.layout.code_bytes), np.uint8)
         features = np.zeros((len(paths), self.catalog.manifest.feature_dim), np.float32)
@@ -90,8 +93,6 @@ class Searcher:
                 batch = torch.stack([load_image(paths[row], size) for row in fresh])
             except BadImage as error:
                 raise UserError(f"cannot read query image: {error}") from error
-            except FileNotFoundError as error:
-                raise UserError(f"query image not found: {error.filename}") from error
             decoded = time.perf_counter()
             codes[fresh], features[fresh] = self.model.encode(batch)
             self.timings.decode += decoded - start

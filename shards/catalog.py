@@ -109,6 +109,7 @@ class Catalog:
         self.manifest = manifest
         self.readonly = readonly
         self._lock_file = None
+        self._pool: ThreadPoolExecutor | None = None
         if not readonly:
             self._take_writer_lock()
         self.shards: list[Shard] = []
@@ -121,7 +122,6 @@ class Catalog:
             self.close()
             raise
         self.threads = threads or min(manifest.shard_count * 2, os.cpu_count() or 1)
-        self._pool: ThreadPoolExecutor | None = None
         self._fp16 = faiss.ScalarQuantizer(manifest.feature_dim, faiss.ScalarQuantizer.QT_fp16)
 
     # ------------------------------------------------------------------ create / open / close

@@ -7,6 +7,7 @@ it reflects; opening a shard whose stored index is missing, stale or damaged reb
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +20,7 @@ import numpy as np
 from shards.codes import code_bytes, pad_codes, padded_bytes
 from shards.errors import CatalogError, DuplicateIdError
 
-INITIAL_MAP_SIZE = 256 << 20
+INITIAL_MAP_SIZE = 64 << 30  # address space only: the file grows as pages are used
 FEATURE_DTYPES = ("float16", "float32")
 INDEX_TYPES = ("flat", "hash")
 KNN_HASH_FLIPS = 2  # top-m on an IndexBinaryHash looks this many bit flips around the query's bucket
@@ -65,6 +66,56 @@ def _keys_to_ids(keys: list[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(keys), dtype=">u8").astype(np.int64)
 
 
+_ENVIRONMENTS: dict[str, list] = {}  # real path -> [environment, users, readonly, databases]
+_DATABASES = (b"codes", b"features", b"meta", b"info")
+_ENVIRONMENTS_LOCK = threading.Lock()
+
+
+def _open_env(path: Path, readonly: bool) -> tuple[lmdb.Environment, list]:
+    """One LMDB environment per file per process (LMDB forbids two), shared by every shard object on it, with
+    its named databases opened once (py-lmdb's open_db can block holding the GIL: never under contention)."""
+    key = os.path.realpath(path)
+    with _ENVIRONMENTS_LOCK:
+        entry = _ENVIRONMENTS.get(key)
+        if entry is not None:
+            if entry[2] and not readonly:
+                raise CatalogError(f"{path}: already open read-only in this process; open the writer first")
+            entry[1] += 1
+            return entry[0], entry[3]
+        try:
+            env = lmdb.open(str(path), max_dbs=4, map_size=INITIAL_MAP_SIZE, readonly=readonly, readahead=False,
+                            meminit=False, max_readers=512, sync=False)
+        except lmdb.Error as error:
+            raise CatalogError(f"{path / 'data.mdb'}: not a readable LMDB file ({error})") from error
+        _check_not_truncated(env, path / "data.mdb")
+        try:
+            databases = [env.open_db(name, create=not readonly) for name in _DATABASES]
+        except lmdb.Error as error:
+            env.close()
+            raise CatalogError(f"{path / 'data.mdb'}: damaged or not a latenthash shard ({error})") from error
+        _ENVIRONMENTS[key] = [env, 1, readonly, databases]
+        return env, databases
+
+
+def _close_env(path: Path) -> None:
+    key = os.path.realpath(path)
+    with _ENVIRONMENTS_LOCK:
+        entry = _ENVIRONMENTS[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            entry[0].close()
+            del _ENVIRONMENTS[key]
+
+
+def _check_not_truncated(env: lmdb.Environment, data_file: Path) -> None:
+    """A data file shorter than its own last page would SIGBUS on access: refuse it instead."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = data_file.stat().st_size
+    if size < needed:
+        env.close()
+        raise CatalogError(f"{data_file}: truncated ({size} bytes, its pages need {needed})")
+
+
 class Shard:
     def __init__(self, path: str | os.PathLike, layout: ShardLayout, readonly: bool = True):
         self.path = Path(path)
@@ -74,33 +125,13 @@ class Shard:
         if readonly and not self.data_file.is_file():
             raise CatalogError(f"{self.data_file}: shard data file is missing")
         self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            self.env = lmdb.open(str(self.path), max_dbs=4, map_size=INITIAL_MAP_SIZE, readonly=readonly,
-                                 readahead=False, meminit=False, max_readers=512, sync=False)
-        except lmdb.Error as error:
-            raise CatalogError(f"{self.data_file}: not a readable LMDB file ({error})") from error
-        self._check_not_truncated()
-        try:
-            self._codes_db = self.env.open_db(b"codes", create=not readonly)
-            self._features_db = self.env.open_db(b"features", create=not readonly)
-            self._meta = self.env.open_db(b"meta", create=not readonly)
-            self._info = self.env.open_db(b"info", create=not readonly)
-        except lmdb.Error as error:
-            self.env.close()
-            raise CatalogError(f"{self.data_file}: damaged or not a latenthash shard ({error})") from error
+        self.env, databases = _open_env(self.path, readonly)
+        self._codes_db, self._features_db, self._meta, self._info = databases
         self._snapshot: lmdb.Transaction | None = None
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.refresh()
 
     # ------------------------------------------------------------------ opening and persistence
-    def _check_not_truncated(self) -> None:
-        """A data file shorter than its own last page would SIGBUS on access: refuse it instead."""
-        info, psize = self.env.info(), self.env.stat()["psize"]
-        needed = (info["last_pgno"] + 1) * psize
-        size = self.data_file.stat().st_size
-        if size < needed:
-            self.env.close()
-            raise CatalogError(f"{self.data_file}: truncated ({size} bytes, its pages need {needed})")
 
     def refresh(self) -> None:
         """(Re)load the in-memory index; a reader takes a new snapshot and from then on sees what it saw."""
@@ -193,7 +224,7 @@ class Shard:
         if self._snapshot is not None:
             self._snapshot.abort()
             self._snapshot = None
-        self.env.close()
+        _close_env(self.path)
 
     # ------------------------------------------------------------------ writes
     def _require_writer(self) -> None:
@@ -207,7 +238,11 @@ class Shard:
                 with self.env.begin(write=True) as txn:
                     return body(txn)
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                try:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                except lmdb.Error as error:
+                    raise CatalogError(f"{self.data_file}: map full and cannot grow while readers of this "
+                                       f"process hold snapshots; refresh or close them ({error})") from error
 
     def _bump_generation(self, txn: lmdb.Transaction) -> int:
         generation = int(txn.get(b"generation", db=self._info) or b"0") + 1

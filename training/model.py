@@ -66,7 +66,7 @@ class HashingNet(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
-        feature_dim = backbone.num_features
+        feature_dim = getattr(backbone, "head_hidden_size", None) or backbone.num_features  # pooled output width
         config.feature_dim = feature_dim
         self.latent = nn.Linear(feature_dim, config.bits)
         self.classifier = nn.Linear(config.bits, len(config.class_names))

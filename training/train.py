@@ -233,8 +233,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        if not config.resume:
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+        # From the checkpoint's history: an epoch logged after the last checkpoint is not counted twice.
+        (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     model.train()
     started = time.perf_counter()

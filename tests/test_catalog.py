@@ -1,0 +1,248 @@
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from shards import Catalog, CatalogError, DuplicateIdError, hamming_distances
+
+FEATURE_DIM = 8
+
+
+def random_items(rng, n, bits, clustered=True):
+    """Random ids, codes (clustered around a few centres, so ties are everywhere) and features."""
+    ids = rng.choice(2**40, n, replace=False).astype(np.int64)
+    if clustered:
+        centres = rng.random((5, bits)) < 0.5
+        flips = rng.random((n, bits)) < 0.1
+        bits_ = centres[rng.integers(0, 5, n)] ^ flips
+    else:
+        bits_ = rng.random((n, bits)) < 0.5
+    features = rng.standard_normal((n, FEATURE_DIM)).astype(np.float32)
+    return ids, np.packbits(bits_, axis=1), features
+
+
+def brute_force_knn(q, ids, codes, m):
+    distances = hamming_distances(q[None], codes)[0]
+    order = np.lexsort((ids, distances))[:m]
+    return ids[order], distances[order]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(42)
+
+
+@pytest.mark.parametrize("shards", [1, 3, 8])
+@pytest.mark.parametrize("bits", [12, 48, 64, 128])
+def test_searches_equal_brute_force(tmp_path, rng, shards, bits):
+    ids, codes, features = random_items(rng, 1500, bits)
+    with Catalog.create(tmp_path / "c", bits, FEATURE_DIM, shards=shards, feature_dtype="float32") as catalog:
+        catalog.add(ids[:700], codes[:700], features[:700])
+        catalog.add(ids[700:], codes[700:], features[700:])
+        queries = np.packbits(rng.random((12, bits)) < 0.5, axis=1)
+        queries[:4] = codes[:4]  # exact hits too
+        query_features = rng.standard_normal((12, FEATURE_DIM)).astype(np.float32)
+        radius = bits // 5
+        for q, hits in zip(queries, catalog.coarse(queries, m=60)):
+            expected_ids, expected_d = brute_force_knn(q, ids, codes, 60)
+            assert np.array_equal(hits.ids, expected_ids) and np.array_equal(hits.hamming, expected_d)
+        for q, hits in zip(queries, catalog.coarse(queries, radius=radius)):
+            distances = hamming_distances(q[None], codes)[0]
+            inside = np.flatnonzero(distances <= radius)
+            order = inside[np.lexsort((ids[inside], distances[inside]))]
+            assert np.array_equal(hits.ids, ids[order])
+        for q, qf, hits in zip(queries, query_features, catalog.search(queries, query_features, k=7, pool=100)):
+            pool_ids, pool_d = brute_force_knn(q, ids, codes, 100)
+            rows = np.searchsorted(ids, pool_ids, sorter=np.argsort(ids))
+            pool_rows = np.argsort(ids)[rows]
+            squared = ((features[pool_rows] - qf) ** 2).sum(1)
+            order = np.lexsort((pool_ids, squared))[:7]
+            assert np.array_equal(hits.ids, pool_ids[order])
+            assert np.allclose(hits.distances, np.sqrt(squared[order]), rtol=1e-5)
+            assert np.array_equal(hits.hamming, pool_d[order])
+
+
+@pytest.mark.parametrize("bits", [16, 48, 64])
+def test_hash_index_is_exact_within_its_radius(tmp_path, rng, bits):
+    ids, codes, features = random_items(rng, 2000, bits)
+    with Catalog.create(tmp_path / "c", bits, FEATURE_DIM, shards=3, index="hash", hash_bits=12) as catalog:
+        catalog.add(ids, codes, features)
+        queries = np.concatenate([codes[:5], np.packbits(rng.random((5, bits)) < 0.5, axis=1)])
+        for radius in (0, 2, 5):
+            for q, hits in zip(queries, catalog.coarse(queries, radius=radius)):
+                distances = hamming_distances(q[None], codes)[0]
+                inside = np.flatnonzero(distances <= radius)
+                assert np.array_equal(hits.ids, ids[inside[np.lexsort((ids[inside], distances[inside]))]])
+        knn = catalog.coarse(queries[:5], m=20)  # approximate, but exact matches are found
+        assert all(h.hamming[0] == 0 for h in knn)
+
+
+def test_float16_features_and_get_iterate(tmp_path, rng):
+    ids, codes, features = random_items(rng, 300, 48)
+    metas = [{"path": f"/img/{i}.jpg", "label": str(i % 3)} for i in ids]
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shards=3) as catalog:
+        catalog.add(ids, codes, features, metas)
+        items = catalog.get(ids[:10].tolist() + [7])
+        assert items[-1] is None
+        for item, i in zip(items, range(10)):
+            assert item.id == ids[i] and np.array_equal(item.code, codes[i]) and item.meta == metas[i]
+            assert np.allclose(item.features, features[i], atol=2e-3)
+        assert np.allclose(catalog.features(ids[5:8]), features[5:8].astype(np.float16).astype(np.float32))
+        assert sorted(item.id for item in catalog) == sorted(ids.tolist())
+        assert len(catalog) == 300
+
+
+def test_delete_then_search_never_returns_deleted(tmp_path, rng):
+    ids, codes, features = random_items(rng, 800, 64)
+    with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=3) as catalog:
+        catalog.add(ids, codes, features)
+        gone = ids[::3]
+        assert catalog.delete(np.concatenate([gone, [123456789]])) == len(gone)
+        keep = np.setdiff1d(np.arange(800), np.arange(0, 800, 3))
+        for q in codes[:10]:
+            hits = catalog.coarse(q[None], m=50)[0]
+            assert not np.isin(hits.ids, gone).any()
+            assert np.array_equal(hits.ids, brute_force_knn(q, ids[keep], codes[keep], 50)[0])
+        assert len(catalog) == len(keep)
+    with Catalog.open(tmp_path / "c") as reopened:
+        assert len(reopened) == len(keep)
+        assert not np.isin(reopened.coarse(codes[:3], m=100)[0].ids, gone).any()
+
+
+def test_everything_persists_across_reopen(tmp_path, rng):
+    ids, codes, features = random_items(rng, 500, 48)
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shards=2, model_fingerprint="abc") as catalog:
+        catalog.add(ids, codes, features, [{"n": int(i)} for i in ids])
+        before = catalog.search(codes[:5], features[:5], k=5)
+    with Catalog.open(tmp_path / "c", model_fingerprint="abc") as reopened:
+        assert all(s.index_loaded_from_disk for s in reopened.shards)
+        after = reopened.search(codes[:5], features[:5], k=5)
+        assert all(np.array_equal(a.ids, b.ids) for a, b in zip(before, after))
+        assert reopened.get([ids[0]])[0].meta == {"n": int(ids[0])}
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["bits"] == 48 and manifest["shard_count"] == 2 and manifest["model_fingerprint"] == "abc"
+
+
+def test_stale_or_damaged_stored_index_is_rebuilt(tmp_path, rng):
+    ids, codes, features = random_items(rng, 400, 48)
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shards=1) as catalog:
+        catalog.add(ids, codes, features)
+    shard = Catalog.open(tmp_path / "c", readonly=False)
+    with shard.shards[0].env.begin(write=True) as txn:
+        txn.put(b"index", b"garbage", db=shard.shards[0]._info)
+    shard.shards[0].flush = lambda: None  # close without re-storing a good index
+    shard.close()
+    with Catalog.open(tmp_path / "c") as reopened:
+        assert not reopened.shards[0].index_loaded_from_disk
+        assert np.array_equal(reopened.coarse(codes[:1], m=10)[0].ids, brute_force_knn(codes[0], ids, codes, 10)[0])
+
+
+def test_reader_keeps_its_snapshot_until_refresh(tmp_path, rng):
+    ids, codes, features = random_items(rng, 600, 48)
+    writer = Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shards=2)
+    writer.add(ids[:300], codes[:300], features[:300])
+    writer.flush()
+    reader = Catalog.open(tmp_path / "c")
+    writer.add(ids[300:], codes[300:], features[300:])
+    writer.delete(ids[:10])
+    assert len(reader) == 300
+    hits = reader.search(codes[:20], features[:20], k=5, pool=50)  # features of deleted ids still readable
+    assert all(len(h) == 5 for h in hits)
+    assert np.array_equal(reader.coarse(codes[:1], m=300)[0].ids, brute_force_knn(codes[0], ids[:300], codes[:300], 300)[0])
+    reader.refresh()
+    assert len(reader) == 590
+    writer.close()
+    reader.close()
+
+
+def test_concurrent_readers_during_writes(tmp_path, rng):
+    ids, codes, features = random_items(rng, 3000, 64)
+    writer = Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=3)
+    writer.add(ids[:500], codes[:500], features[:500])
+    writer.flush()
+    errors = []
+
+    def read():
+        try:
+            for _ in range(15):
+                with Catalog.open(tmp_path / "c") as reader:
+                    n = len(reader)
+                    assert n % 500 == 0
+                    for hits in reader.search(codes[:5], features[:5], k=5):
+                        assert len(hits) == 5
+        except Exception as error:  # reported to the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for start in range(500, 3000, 500):
+        writer.add(ids[start:start + 500], codes[start:start + 500], features[start:start + 500])
+    for t in threads:
+        t.join()
+    writer.close()
+    assert not errors, errors
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, rng):
+    ids, codes, features = random_items(rng, 10, 48)
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shards=2, model_fingerprint="m1") as catalog:
+        with pytest.raises(CatalogError, match=r"shape \(n, 6\) for 48-bit"):
+            catalog.add(ids, codes[:, :5], features)
+        with pytest.raises(CatalogError, match="features must have shape"):
+            catalog.add(ids, codes, features[:, :4])
+        catalog.add(ids[:5], codes[:5], features[:5])
+        with pytest.raises(DuplicateIdError, match="already in the catalog"):
+            catalog.add(ids[3:], codes[3:], features[3:])
+        assert len(catalog) == 5  # nothing of the refused batch was written
+        with pytest.raises(DuplicateIdError, match="twice"):
+            catalog.add(ids[[6, 6]], codes[:2], features[:2])
+        with pytest.raises(CatalogError, match="query codes"):
+            catalog.coarse(codes[:, :2], m=3)
+        with pytest.raises(CatalogError, match="another process is writing"):
+            Catalog.open(tmp_path / "c", readonly=False)
+    with pytest.raises(CatalogError, match="made by model m1"):
+        Catalog.open(tmp_path / "c", model_fingerprint="m2")
+    with pytest.raises(CatalogError, match="already exists"):
+        Catalog.create(tmp_path / "c", 48, FEATURE_DIM)
+
+
+def test_missing_or_corrupted_manifest(tmp_path, rng):
+    with pytest.raises(CatalogError, match="manifest.json: missing"):
+        Catalog.open(tmp_path)
+    Catalog.create(tmp_path / "c", 16, FEATURE_DIM).close()
+    (tmp_path / "c" / "manifest.json").write_text("{not json")
+    with pytest.raises(CatalogError, match="manifest.json: corrupted"):
+        Catalog.open(tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({"bits": 16, "feature_dim": 8, "format_version": 9,
+                                                               "format": "latenthash-catalog"}))
+    with pytest.raises(CatalogError, match="newer"):
+        Catalog.open(tmp_path / "c")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_header", "delete"])
+def test_damaged_lmdb_file_is_reported_not_crashed(tmp_path, rng, damage):
+    ids, codes, features = random_items(rng, 3000, 64)
+    with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=1) as catalog:
+        catalog.add(ids, codes, features)
+    data = tmp_path / "c" / "shard-0000" / "data.mdb"
+    raw = data.read_bytes()
+    if damage == "truncate":
+        data.write_bytes(raw[: len(raw) // 3])
+    elif damage == "garbage_header":
+        data.write_bytes(rng.integers(0, 256, 8192, dtype=np.uint8).tobytes() + raw[8192:])
+    else:
+        data.unlink()
+    with pytest.raises(CatalogError, match="data.mdb"):
+        Catalog.open(tmp_path / "c")
+
+
+def test_map_size_grows_as_needed(tmp_path, rng, monkeypatch):
+    monkeypatch.setattr("shards.shard.INITIAL_MAP_SIZE", 1 << 20)
+    ids, codes, features = random_items(rng, 20_000, 64)
+    with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=1) as catalog:
+        catalog.add(ids, codes, features)
+        assert catalog.shards[0].env.info()["map_size"] > 1 << 20
+    with Catalog.open(tmp_path / "c") as reopened:
+        assert len(reopened) == 20_000

@@ -1,0 +1,182 @@
+"""End to end: generated images -> a tiny trained model -> build-index -> query, through the real CLIs."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.export import export_catalog, import_hdf5
+from engine.search import Searcher
+from engine.synthetic import make_image_folder
+from shards import Catalog
+
+
+def cli(module, args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def built(image_folder, trained_model, tmp_path_factory):
+    """A catalog built by the build-index CLI over the training images."""
+    env = dict(os.environ, PYTHONPATH=str(os.path.dirname(os.path.dirname(__file__))))
+    catalog = tmp_path_factory.mktemp("catalog") / "c"
+    result = cli("engine.build_index", [image_folder, "--model", trained_model, "--catalog", catalog,
+                                        "--shards", "3", "--workers", "1", "--batch-size", "64"], env)
+    assert result.returncode == 0, result.stderr
+    return catalog
+
+
+def test_query_returns_mostly_same_class(built, tmp_path, cli_env):
+    queries = make_image_folder(tmp_path / "q", per_class=2, seed=99, start=1000)
+    result = cli("engine.query", ["--catalog", built, "-k", "5", "--json", *queries], cli_env)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    assert len(answers) == len(queries)
+    same = [r["label"] == os.path.basename(os.path.dirname(a["query"])) for a in answers for r in a["results"]]
+    assert np.mean(same) >= 0.7
+    for answer in answers:  # the documented schema
+        assert set(answer) == {"query", "results"}
+        for rank, r in enumerate(answer["results"], 1):
+            assert set(r) == {"rank", "id", "path", "label", "hamming", "distance"} and r["rank"] == rank
+            assert isinstance(r["hamming"], int) and isinstance(r["distance"], float) and os.path.exists(r["path"])
+        distances = [r["distance"] for r in answer["results"]]
+        assert distances == sorted(distances)
+
+
+def test_query_table_html_ids_and_hamming_only(built, image_folder, tmp_path, cli_env):
+    indexed = sorted((image_folder / "ring").iterdir())[0]
+    page = tmp_path / "r.html"
+    result = cli("engine.query", ["--catalog", built, "-k", "3", "--html", page, indexed], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "rank" in result.stdout and str(indexed) in result.stdout.splitlines()[2]  # itself, at distance 0
+    assert page.read_text().count("data:image/png;base64,") >= 4
+    with Catalog.open(built) as catalog:
+        some_id = next(iter(catalog)).id
+    result = cli("engine.query", ["--catalog", built, "--id", some_id, "--no-rerank", "--radius", "2", "--json"],
+                 cli_env)
+    assert result.returncode == 0, result.stderr
+    hits = json.loads(result.stdout)[0]["results"]
+    assert hits[0]["id"] == some_id and all(r["distance"] is None and r["hamming"] <= 2 for r in hits)
+
+
+def test_searcher_api_breaks_down_time(built, image_folder):
+    with Searcher(built) as searcher:
+        results = searcher.search([next((image_folder / "dots").iterdir())], k=4)
+        assert len(results[0]) == 4
+        assert searcher.timings.coarse > 0 and searcher.timings.rerank > 0
+
+
+def test_rerun_is_incremental_and_prune_removes_gone_files(built, image_folder, trained_model, tmp_path, cli_env):
+    images = tmp_path / "images"
+    shutil.copytree(image_folder, images)
+    catalog = tmp_path / "c"
+    args = [images, "--model", trained_model, "--catalog", catalog, "--workers", "0"]
+    assert cli("engine.build_index", args, cli_env).returncode == 0
+    again = cli("engine.build_index", args, cli_env)
+    assert again.returncode == 0 and "indexed 0, unchanged 240" in again.stdout
+    changed = sorted((images / "circle").iterdir())[0]
+    Image.open(sorted((images / "square").iterdir())[0]).save(changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    for gone in sorted((images / "cross").iterdir())[:3]:
+        gone.unlink()
+    result = cli("engine.build_index", args + ["--prune"], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "indexed 1, unchanged 236, re-indexed 1, pruned 3" in result.stdout
+    with Catalog.open(catalog) as c:
+        assert len(c) == 237
+        assert {item.meta["path"] for item in c} == {str(p) for p in images.rglob("*.png")}
+
+
+def test_bad_files_are_reported_and_skipped(trained_model, tmp_path, cli_env):
+    images = tmp_path / "images"
+    make_image_folder(images, per_class=3, classes=("circle", "square"))
+    (images / "circle" / "empty.png").write_bytes(b"")
+    (images / "circle" / "notes.jpg").write_text("plain text")
+    good = (images / "square" / "square_00000.png").read_bytes()
+    (images / "square" / "cut.png").write_bytes(good[: len(good) // 2])
+    Image.new("1", (12000, 8000)).save(images / "square" / "bomb.png")
+    catalog = tmp_path / "c"
+    result = cli("engine.build_index", [images, "--model", trained_model, "--catalog", catalog], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "indexed 6" in result.stdout and "failed 4" in result.stdout
+    report = json.loads((catalog / "build-report.json").read_text())
+    assert sorted(os.path.basename(f["path"]) for f in report["failures"]) == ["bomb.png", "cut.png", "empty.png",
+                                                                               "notes.jpg"]
+
+
+def test_killed_build_finishes_on_rerun_without_duplicates(trained_model, tmp_path, cli_env):
+    images = tmp_path / "images"
+    files = make_image_folder(images, per_class=150, size=32, seed=5)
+    catalog = tmp_path / "c"
+    args = ["-m", "engine.build_index", images, "--model", trained_model, "--catalog", catalog, "--batch-size",
+            "32", "--workers", "0"]
+    process = subprocess.Popen([sys.executable, *map(str, args)], env=cli_env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        shard = catalog / "shard-0000" / "data.mdb"
+        if shard.exists() and shard.stat().st_size > 200_000:  # some batches are in
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with Catalog.open(catalog) as partial:
+        done = len(partial)
+    assert 0 < done < len(files), "the kill did not land mid-build"
+    result = subprocess.run([sys.executable, *map(str, args)], env=cli_env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"indexed {len(files) - done}, unchanged {done}" in result.stdout
+    with Catalog.open(catalog) as finished:
+        paths = [item.meta["path"] for item in finished]
+    assert sorted(paths) == sorted(map(str, files))
+
+
+def test_export_import_round_trip(built, tmp_path, cli_env):
+    h5 = tmp_path / "c.h5"
+    assert cli("engine.export", ["--catalog", built, "--out", h5], cli_env).returncode == 0
+    result = cli("engine.export", ["--import", h5, "--catalog", tmp_path / "copy", "--shards", "2"], cli_env)
+    assert result.returncode == 0, result.stderr
+    with Catalog.open(built) as a, Catalog.open(tmp_path / "copy") as b:
+        assert a.manifest.model_fingerprint == b.manifest.model_fingerprint
+        items_a = {i.id: i for i in a}
+        items_b = {i.id: i for i in b}
+        assert items_a.keys() == items_b.keys()
+        for key, item in items_a.items():
+            other = items_b[key]
+            assert np.array_equal(item.code, other.code) and np.array_equal(item.features, other.features)
+            assert item.meta["path"] == other.meta["path"] and item.meta["label"] == other.meta["label"]
+
+
+def test_export_import_api(built, tmp_path):
+    n = export_catalog(built, tmp_path / "x.h5", progress=False)
+    assert import_hdf5(tmp_path / "x.h5", tmp_path / "y", progress=False) == n
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("engine.build_index", ["/no/such/dir", "--model", "M", "--catalog", "C"], "does not exist"),
+    ("engine.query", ["--catalog", "/no/such/catalog", "x.png"], "manifest.json: missing"),
+    ("engine.export", ["--import", "/no/such.h5", "--catalog", "C"], "no such HDF5 file"),
+])
+def test_cli_errors_are_one_line(module, args, message, cli_env, tmp_path):
+    result = cli(module, args, cli_env)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_catalog_of_another_model_is_refused(built, image_folder, tmp_path, cli_env):
+    from training.model import create_model, save_model
+    other = tmp_path / "other"
+    save_model(create_model("cifar_convnet_small", 16, ["a", "b"]), other)
+    result = cli("engine.build_index", [image_folder, "--model", other, "--catalog", built], cli_env)
+    assert result.returncode == 2 and "not comparable" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_query_with_missing_image_is_one_line_error(built, cli_env):
+    result = cli("engine.query", ["--catalog", built, "/no/such/image.png"], cli_env)
+    assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,86 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.synthetic import make_image_folder
+from training.data import load_dataset
+from training.model import load_model
+from training.train import CHECKPOINT, evaluate
+
+
+def test_training_lowers_loss_and_beats_chance(trained_model):
+    history = [json.loads(line) for line in (trained_model / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 8
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_acc"] > 0.6  # ten classes: chance is 0.1
+    assert (trained_model / "model.safetensors").is_file() and (trained_model / "config.json").is_file()
+
+
+def test_saved_model_reproduces_validation_accuracy(trained_model, image_folder):
+    model = load_model(trained_model)
+    data = load_dataset(image_folder, val_split=0.2, seed=0)
+    history = [json.loads(line) for line in (trained_model / "metrics.jsonl").read_text().splitlines()]
+    assert evaluate(model, data.test, torch.device("cpu"), bf16=False) == pytest.approx(history[-1]["val_acc"])
+
+
+def test_killed_run_resumes_to_the_same_model(tmp_path, image_folder, cli_env):
+    args = ["--data", str(image_folder), "--backbone", "cifar_convnet_small", "--bits", "12", "--batch-size", "32",
+            "--epochs", "6", "--no-tta", "--val-split", "0.2"]
+    full = tmp_path / "full"
+    assert _run(args + ["--out", str(full)], cli_env).returncode == 0
+    part = tmp_path / "part"
+    process = subprocess.Popen([sys.executable, "-m", "training.train", *args, "--out", str(part)], env=cli_env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        state = part / "checkpoint.json"
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads((part / "checkpoint.json").read_text())["epoch"]
+    assert killed_at < 6, "the run finished before it could be killed"
+    momentum = {k: v for k, v in load_file(str(part / CHECKPOINT)).items() if k.startswith("optimizer.")}
+    assert momentum and all(v.abs().sum() > 0 for v in momentum.values())
+    result = _run(args + ["--out", str(part), "--resume"], cli_env)
+    assert result.returncode == 0, result.stderr
+    history = [json.loads(line)["epoch"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert history == [1, 2, 3, 4, 5, 6]
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def _run(args, env):
+    return subprocess.run([sys.executable, "-m", "training.train", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/nonexistent/data"], "does not exist"),
+    (["--backbone", "resnet81"], "did you mean"),
+    (["--bits", "0"], "at least 1"),
+    (["--weights", "/nonexistent.pth"], "cannot read --weights"),
+    (["--resume"], "no checkpoint"),
+])
+def test_cli_errors_are_one_line(args, message, tmp_path, image_folder, cli_env):
+    full = ["--data", str(image_folder), "--out", str(tmp_path / "m"), "--epochs", "1"] + args
+    result = _run(full, cli_env)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_trains_and_bad_images_do_not_stop_it(tmp_path, cli_env):
+    make_image_folder(tmp_path / "d", per_class=8, classes=("circle", "square"))
+    (tmp_path / "d" / "circle" / "zero.png").write_bytes(b"")
+    result = _run(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "m"), "--epochs", "1", "--bits", "8",
+                   "--backbone", "cifar_convnet_small", "--batch-size", "8"], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert load_model(tmp_path / "m").config.bits == 8

@@ -5,6 +5,7 @@ One writer at a time (a lock file); readers work from snapshots and see a write 
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -25,6 +26,7 @@ from shards.shard import FEATURE_DTYPES, INDEX_TYPES, Shard, ShardLayout
 MANIFEST = "manifest.json"
 JOURNAL = "add.journal"
 WRITER_LOCK = "writer.lock"
+COMMIT_LOCK = "commit.lock"
 FORMAT = "latenthash-catalog"
 FORMAT_VERSION = 1
 _pack = msgpack.Packer(use_bin_type=True).pack  # metadata format: msgpack, ~10x faster than json here
@@ -114,10 +116,11 @@ class Catalog:
             self._take_writer_lock()
         self.shards: list[Shard] = []
         try:
-            self.shards = [Shard(path / f"shard-{i:04d}", manifest.layout, readonly)
-                           for i in range(manifest.shard_count)]
-            if not readonly:
-                self._roll_back_unfinished_add()
+            with self._commit_lock(exclusive=not readonly):
+                self.shards = [Shard(path / f"shard-{i:04d}", manifest.layout, readonly)
+                               for i in range(manifest.shard_count)]
+                if not readonly:
+                    self._roll_back_unfinished_add()
         except BaseException:
             self.close()
             raise
@@ -166,14 +169,30 @@ class Catalog:
             self._lock_file = None
             raise CatalogError(f"{self.path / WRITER_LOCK}: another process is writing this catalog") from None
 
+    @contextlib.contextmanager
+    def _commit_lock(self, exclusive: bool) -> Iterator[None]:
+        """Writers commit a batch's shards under an exclusive lock and readers take their snapshots under a
+        shared one, so a reader sees each batch in every shard or in none."""
+        try:
+            fd = os.open(self.path / COMMIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only copy of a catalog: nobody can be writing it
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
     def flush(self) -> None:
         for shard in self.shards:
             shard.flush()
 
     def refresh(self) -> None:
         """Readers: see everything committed since opening (or the last refresh)."""
-        for shard in self.shards:
-            shard.refresh()
+        with self._commit_lock(exclusive=False):
+            for shard in self.shards:
+                shard.refresh()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -249,10 +268,11 @@ class Catalog:
                 raise DuplicateIdError(f"{shard.path}: ids already in the catalog: {present[:10]}")
         journal = self.path / JOURNAL
         _write_atomic(journal, ids.tobytes())
-        for shard, rows in parts:
-            shard.add(ids[rows], codes[rows], features[rows],
-                      [encoded[r] for r in rows] if encoded is not None else None)
-        journal.unlink()
+        with self._commit_lock(exclusive=True):
+            for shard, rows in parts:
+                shard.add(ids[rows], codes[rows], features[rows],
+                          [encoded[r] for r in rows] if encoded is not None else None)
+            journal.unlink()
 
     def _roll_back_unfinished_add(self) -> None:
         """An add killed between its shard commits left a journal: undo that batch so adds stay all-or-nothing."""
@@ -270,7 +290,8 @@ class Catalog:
         if self.readonly:
             raise CatalogError(f"{self.path}: opened read-only")
         ids = self._check_ids(ids)
-        return sum(shard.delete(ids[rows]) for shard, rows in zip(self.shards, self._by_shard(ids)) if len(rows))
+        with self._commit_lock(exclusive=True):
+            return sum(shard.delete(ids[rows]) for shard, rows in zip(self.shards, self._by_shard(ids)) if len(rows))
 
     # ------------------------------------------------------------------ reads
     def __len__(self) -> int:

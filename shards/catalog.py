@@ -158,6 +158,11 @@ class Catalog:
         if model_fingerprint is not None and manifest.model_fingerprint not in (None, model_fingerprint):
             raise CatalogError(f"{path / MANIFEST}: made by model {manifest.model_fingerprint}, not "
                                f"{model_fingerprint}; its codes are not comparable")
+        if readonly and (path / JOURNAL).exists():
+            try:  # a writer died mid-batch: finish its rollback first, unless a live writer holds the catalog
+                cls(path, manifest, readonly=False).close()
+            except (CatalogError, OSError):
+                pass
         return cls(path, manifest, readonly, threads)
 
     def _take_writer_lock(self) -> None:

@@ -36,10 +36,17 @@ def test_sigkill_while_adding_loses_only_the_batch_in_flight(tmp_path, cli_env):
     for trial in range(6):
         path = tmp_path / f"trial{trial}"
         process = run_writer(path, 0, BATCHES, cli_env)
-        time.sleep(rng.uniform(0.8, 2.0))  # start-up (imports) takes ~0.5 s, the adds ~1.5 s
+        target = rng.randrange(-1, BATCHES - 4)  # kill after this batch is reported (-1: before any is)
+        printed = []
+        while target >= 0 and len(printed) <= target:
+            line = process.stdout.readline()
+            if not line:
+                break
+            printed.append(int(line))
+        time.sleep(rng.uniform(0, 0.05))  # land anywhere in the next batch's add
         process.send_signal(signal.SIGKILL)
         out, _ = process.communicate()
-        printed = [int(line) for line in out.split()]
+        printed += [int(line) for line in out.split()]
         if not (path / "manifest.json").exists():
             continue  # killed before the catalog existed
         state = snapshot(path)

@@ -1,0 +1,102 @@
+"""build-index throughput against the same model on pre-decoded tensors, and query latency by stage.
+
+  python benchmarks/indexing.py --model runs/cifar48-small --images ../shared/data/cifar10-sample-png \\
+      --cifar-test ../shared/data/cifar-10-batches-py
+
+`--cifar-test` writes the 10,000 CIFAR-10 test images as PNG files into a temp dir and indexes them too.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common  # noqa: F401
+from common import machine
+from engine.build_index import build_index
+from engine.search import Searcher
+from training.images import list_images, load_image
+from training.model import load_model
+
+
+def write_cifar_test_pngs(batches: Path, out: Path) -> Path:
+    with open(batches / "test_batch", "rb") as f:
+        test = pickle.load(f, encoding="latin1")  # the official CIFAR-10 format
+    names = pickle.load(open(batches / "batches.meta", "rb"), encoding="latin1")["label_names"]
+    images = test["data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    for index, (pixels, label) in enumerate(zip(images, test["labels"])):
+        folder = out / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{index:05d}.png")
+    return out
+
+
+def predecoded_rate(model, files: list[Path], batch_size: int) -> float:
+    tensors = torch.stack([load_image(f, model.config.input_size) for f in files])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(tensors), batch_size):
+            model.encode(tensors[i:i + batch_size])
+    return len(tensors) / (time.perf_counter() - start)
+
+
+def query_latency(catalog: Path, queries: list[Path]) -> dict:
+    with Searcher(catalog) as searcher:
+        searcher.search(queries[:2], k=10)  # warm-up: model load, first touches
+        rows = {}
+        for label, batches in (("single", [[q] for q in queries[:50]]), ("batch of 100", [queries[:100]])):
+            searcher.timings = type(searcher.timings)()
+            for batch in batches:
+                searcher.search(batch, k=10, pool=1000)
+            n = sum(len(b) for b in batches)
+            t = searcher.timings
+            rows[label] = {stage: 1000 * getattr(t, stage) / n for stage in ("decode", "encode", "coarse", "rerank")}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--images", nargs="*", default=[], help="image directories to index")
+    parser.add_argument("--cifar-test", help="CIFAR-10 python batches dir: also index its test set as PNGs")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="latenthash-indexing-"))
+    directories = [Path(d) for d in args.images]
+    if args.cifar_test:
+        directories.append(write_cifar_test_pngs(Path(args.cifar_test), work / "cifar10-test-png"))
+    model = load_model(args.model)
+    print(f"machine: {machine()}; model {args.model} ({model.config.backbone}, {model.config.bits} bits, "
+          f"{model.config.input_size}px); batch {args.batch_size}, {args.workers} workers\n")
+    print("| images | files | build-index img/s | pre-decoded img/s | ratio |")
+    print("|---|---|---|---|---|")
+    catalogs = []
+    for directory in directories:
+        files = list_images(directory)
+        catalog = work / f"catalog-{directory.name}"
+        summary = build_index(directory, args.model, catalog, shards=2, batch_size=args.batch_size,
+                              workers=args.workers, progress=False)
+        baseline = predecoded_rate(model, files, args.batch_size)
+        print(f"| {directory.name} | {len(files)} | {summary.images_per_second:.0f} | {baseline:.0f} | "
+              f"{summary.images_per_second / baseline:.2f} |", flush=True)
+        catalogs.append((catalog, files))
+    catalog, _ = catalogs[-1]
+    queries = list_images(directories[0])
+    print(f"\nquery latency on {catalog.name}, ms per query (k=10, pool 1000):\n")
+    print("| mode | decode | encode | coarse | re-rank | total |")
+    print("|---|---|---|---|---|---|")
+    for mode, stages in query_latency(catalog, queries).items():
+        print(f"| {mode} | " + " | ".join(f"{v:.2f}" for v in stages.values()) + f" | {sum(stages.values()):.2f} |")
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -49,33 +49,27 @@ def per_pair(rng: np.random.Generator) -> None:
                timed(lambda: np.einsum("ij,ij->i", batch - u, batch - u), 10) / 10_000)
 
 
+def scan_costs(label: str, index, queries: np.ndarray, n: int, repeat: int) -> None:
+    """Per scanned item: one query, and a batch of 100, on 1 and 2 threads."""
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        single = timed(lambda: index.search(queries[:1], 10), repeat)
+        batch = timed(lambda: index.search(queries, 10), 2) / len(queries)
+        record(f"{label}, {n:,} items, {threads} thread(s)", "per scanned item, single query", single / n)
+        record(f"{label}, {n:,} items, {threads} thread(s)", "per scanned item, batch of 100", batch / n)
+
+
 def full_search(rng: np.random.Generator, items: int, float_items: dict[int, int]) -> None:
     for bits in (64, 48):
         codes = rng.integers(0, 256, (items, bits // 8), dtype=np.uint8)
         index = faiss.IndexBinaryFlat(bits)
         index.add(codes)
-        queries = codes[:100]
-        for threads in (1, 2):
-            faiss.omp_set_num_threads(threads)
-            single = timed(lambda: index.search(queries[:1], 10), 20)
-            batch = timed(lambda: index.search(queries, 10), 3) / 100
-            record(f"{bits}-bit code, Faiss IndexBinaryFlat, {items:,} items, {threads} thread(s)",
-                   "per scanned item, single query", single / items)
-            record(f"{bits}-bit code, Faiss IndexBinaryFlat, {items:,} items, {threads} thread(s)",
-                   "per scanned item, batch of 100", batch / items)
+        scan_costs(f"{bits}-bit code, Faiss IndexBinaryFlat", index, codes[:100], items, 20)
     for dim, n in float_items.items():
         vectors = rng.standard_normal((n, dim)).astype(np.float32)
         index = faiss.IndexFlatL2(dim)
         index.add(vectors)
-        queries = vectors[:100]
-        for threads in (1, 2):
-            faiss.omp_set_num_threads(threads)
-            single = timed(lambda: index.search(queries[:1], 10), 5)
-            batch = timed(lambda: index.search(queries, 10), 2) / 100
-            record(f"{dim}-d float32, Faiss IndexFlatL2, {n:,} items, {threads} thread(s)",
-                   "per scanned item, single query", single / n)
-            record(f"{dim}-d float32, Faiss IndexFlatL2, {n:,} items, {threads} thread(s)",
-                   "per scanned item, batch of 100", batch / n)
+        scan_costs(f"{dim}-d float32, Faiss IndexFlatL2", index, vectors[:100], n, 5)
         del vectors, index
 
 

@@ -21,6 +21,7 @@ from PIL import Image
 import common  # noqa: F401
 from common import machine
 from engine.build_index import build_index
+from engine.encode import default_workers
 from engine.search import Searcher
 from training.images import list_images, load_image
 from training.model import load_model
@@ -67,15 +68,16 @@ def main() -> None:
     parser.add_argument("--images", nargs="*", default=[], help="image directories to index")
     parser.add_argument("--cifar-test", help="CIFAR-10 python batches dir: also index its test set as PNGs")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: by core count)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latenthash-indexing-"))
     directories = [Path(d) for d in args.images]
     if args.cifar_test:
         directories.append(write_cifar_test_pngs(Path(args.cifar_test), work / "cifar10-test-png"))
     model = load_model(args.model)
+    workers = default_workers() if args.workers is None else args.workers
     print(f"machine: {machine()}; model {args.model} ({model.config.backbone}, {model.config.bits} bits, "
-          f"{model.config.input_size}px); batch {args.batch_size}, {args.workers} workers\n")
+          f"{model.config.input_size}px); batch {args.batch_size}, {workers} decoding worker processes\n")
     print("| images | files | build-index img/s | pre-decoded img/s | ratio |")
     print("|---|---|---|---|---|")
     catalogs = []

@@ -48,10 +48,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def default_workers() -> int:
+    """Decoding processes beside the encoder. On 2 cores, decoding inline is fastest (measured: 840 img/s
+    inline against 535 with 2 worker processes fighting the model's threads for the cores)."""
+    cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else min(8, cores // 2)
+
+
 def encode_files(model: HashingNet, files: Sequence[Path], batch_size: int = 256,
                  workers: int | None = None) -> Iterator[EncodedBatch]:
     """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
-    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    workers = default_workers() if workers is None else workers
     loader = DataLoader(_Files(files, model.config.input_size), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, prefetch_factor=4 if workers else None,
                         persistent_workers=False)

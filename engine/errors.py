@@ -1,22 +1,13 @@
-"""How command-line entry points report a user's mistake: one line on stderr and a non-zero exit."""
+"""How the engine's command-line entry points report a user's mistake: one line on stderr, a non-zero exit."""
 from __future__ import annotations
 
-import sys
 from typing import Callable
 
 from shards import CatalogError
 from training.errors import UserError
+from training.errors import run_cli as _run_cli
 
-USER_ERRORS = (UserError, CatalogError)
 
-
-def run_cli(main: Callable[[], int]) -> int:
-    """Run a CLI body; user errors print `error: ...` and exit 2, Ctrl-C exits 130, never a traceback."""
-    try:
-        return main()
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+def run_cli(body: Callable[[], int]) -> int:
+    """`training.errors.run_cli` for engine commands, whose user errors also come from the catalog."""
+    return _run_cli(body, (UserError, CatalogError))

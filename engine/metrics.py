@@ -6,6 +6,8 @@ relevant items *found in the top K*, and 0 when there is none. mAP@K is the mean
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import faiss
 import numpy as np
 
@@ -47,20 +49,25 @@ def _ap_and_precision(relevant: np.ndarray, top_k: int) -> tuple[np.ndarray, np.
     return ap, precision
 
 
+def _evaluate(query_labels: np.ndarray, db_labels: np.ndarray, top_k: int, chunk: int,
+              rank: Callable[[slice], np.ndarray]) -> tuple[float, np.ndarray]:
+    """mAP@top_k and P@k over query blocks; `rank(block)` gives each query's ranked database indices."""
+    ap_sum, precision_sum = 0.0, np.zeros(top_k)
+    for start in range(0, len(query_labels), chunk):
+        block = slice(start, start + chunk)
+        relevant = db_labels[rank(block)] == np.asarray(query_labels[block])[:, None]
+        ap, precision = _ap_and_precision(relevant, top_k)
+        ap_sum += ap.sum()
+        precision_sum += precision
+    return ap_sum / len(query_labels), precision_sum / len(query_labels)
+
+
 def retrieval_metrics(query_codes: np.ndarray, query_labels: np.ndarray, db_codes: np.ndarray,
                       db_labels: np.ndarray, top_k: int = 1000) -> tuple[float, np.ndarray]:
     """(mAP@top_k, precision_at_k) by Hamming ranking; precision_at_k[i] is P@(i+1), i < top_k."""
     _check(query_codes, db_codes, query_labels, db_labels)
-    ap_sum, precision_sum = 0.0, np.zeros(top_k)
-    for start in range(0, len(query_codes), CHUNK):
-        block = slice(start, start + CHUNK)
-        ranked = stable_top_k(hamming_matrix(query_codes[block], db_codes), top_k)
-        relevant = db_labels[ranked] == np.asarray(query_labels[block])[:, None]
-        ap, precision = _ap_and_precision(relevant, top_k)
-        ap_sum += ap.sum()
-        precision_sum += precision
-    n = len(query_codes)
-    return ap_sum / n, precision_sum / n
+    return _evaluate(query_labels, db_labels, top_k, CHUNK,
+                     lambda block: stable_top_k(hamming_matrix(query_codes[block], db_codes), top_k))
 
 
 def two_stage_metrics(query_codes: np.ndarray, query_labels: np.ndarray, query_features: np.ndarray,
@@ -68,22 +75,16 @@ def two_stage_metrics(query_codes: np.ndarray, query_labels: np.ndarray, query_f
                       top_k: int = 1000) -> tuple[float, np.ndarray]:
     """Like `retrieval_metrics`, ranking each query's Hamming pool (stable) by Euclidean distance (stable)."""
     _check(query_codes, db_codes, query_labels, db_labels)
-    ap_sum, precision_sum = 0.0, np.zeros(top_k)
     db_features = np.asarray(db_features, dtype=np.float32)
-    for start in range(0, len(query_codes), CHUNK // 4):
-        block = slice(start, start + CHUNK // 4)
+
+    def rank(block: slice) -> np.ndarray:
         candidates = stable_top_k(hamming_matrix(query_codes[block], db_codes), pool)
-        queries = np.asarray(query_features[block], dtype=np.float32)
         gathered = db_features[candidates]
+        queries = np.asarray(query_features[block], dtype=np.float32)
         squared = np.einsum("qcd,qcd->qc", gathered, gathered) - 2 * np.einsum("qcd,qd->qc", gathered, queries)
-        order = np.argsort(squared, axis=1, kind="stable")[:, :top_k]
-        ranked = np.take_along_axis(candidates, order, 1)
-        relevant = db_labels[ranked] == np.asarray(query_labels[block])[:, None]
-        ap, precision = _ap_and_precision(relevant, top_k)
-        ap_sum += ap.sum()
-        precision_sum += precision
-    n = len(query_codes)
-    return ap_sum / n, precision_sum / n
+        return np.take_along_axis(candidates, np.argsort(squared, axis=1, kind="stable")[:, :top_k], 1)
+
+    return _evaluate(query_labels, db_labels, top_k, CHUNK // 4, rank)
 
 
 def precision_recall_by_radius(query_codes: np.ndarray, query_labels: np.ndarray, db_codes: np.ndarray,

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.data import FORMATS, Dataset, LabeledImages, load_dataset
-from training.errors import UserError
+from training.errors import UserError, run_cli
 from training.model import HashingNet, _atomic_write, create_model, save_model
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -353,20 +353,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    try:
+
+    def body() -> int:
         summary = train(config)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: re-run with --resume to continue from the last finished epoch", file=sys.stderr)
-        return 130
-    if "val_acc" in summary:
-        tta = f" ({summary['val_acc_tta']:.4f} with TTA)" if "val_acc_tta" in summary else ""
-        print(f"done in {summary['seconds']:.0f}s: val acc {summary['val_acc']:.4f}{tta}; model in {config.out}")
-    else:
-        print(f"done in {summary['seconds']:.0f}s; model in {config.out}")
-    return 0
+        accuracy = ""
+        if summary.get("val_acc") is not None:
+            tta = f" ({summary['val_acc_tta']:.4f} with TTA)" if "val_acc_tta" in summary else ""
+            accuracy = f": val acc {summary['val_acc']:.4f}{tta}"
+        print(f"done in {summary['seconds']:.0f}s{accuracy}; model in {config.out}")
+        return 0
+
+    return run_cli(body, interrupted="interrupted: re-run with --resume to continue from the last finished epoch")
 
 
 if __name__ == "__main__":

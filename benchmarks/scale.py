@@ -70,7 +70,7 @@ def search_phase(path: Path, threads: int, import_torch: bool, queries: int) -> 
     result["two_stage_batch_ms_per_q"] = 1000 * timed(
         lambda: catalog.search(query_codes, query_features, k=10, pool=1000), 1, 0) / queries
     if catalog.manifest.index_type == "flat":
-        codes = np.concatenate([s._codes for s in catalog.shards])
+        codes = np.concatenate([s.code_index.codes for s in catalog.shards])
         bare = faiss.IndexBinaryFlat(codes.shape[1] * 8)
         bare.add(codes)
         padded = np.zeros((queries, codes.shape[1]), np.uint8)

@@ -1,7 +1,6 @@
 """One shard: an LMDB environment holding items (code + features), their metadata, and a Faiss binary index.
 
-In memory a shard keeps its ids sorted with their padded codes in the same order, so Faiss's scan order is id
-order and its ties come out broken by id. The serialized index is stored beside the items with the generation
+In memory a shard keeps a CodeIndex: ids sorted, padded codes in the same order, the Faiss index over them. The serialized index is stored beside the items with the generation
 it reflects; opening a shard whose stored index is missing, stale or damaged rebuilds it from the items.
 """
 from __future__ import annotations
@@ -19,11 +18,11 @@ import numpy as np
 
 from shards.codes import code_bytes, pad_codes, padded_bytes
 from shards.errors import CatalogError, DuplicateIdError
+from shards.index import CodeIndex
 
 INITIAL_MAP_SIZE = 64 << 30  # address space only: the file grows as pages are used
 FEATURE_DTYPES = ("float16", "float32")
 INDEX_TYPES = ("flat", "hash")
-KNN_HASH_FLIPS = 2  # top-m on an IndexBinaryHash looks this many bit flips around the query's bucket
 
 
 @dataclass(frozen=True)
@@ -164,7 +163,7 @@ class Shard:
                 codes = codes.reshape(-1, self.layout.padded_bytes).copy()
                 index = faiss.deserialize_index_binary(np.frombuffer(txn.get(b"index", db=self._info), np.uint8))
                 if len(ids) == len(codes) == index.ntotal == entries and index.d == self.layout.padded_bytes * 8:
-                    self._ids, self._codes, self._index = ids, codes, index
+                    self.code_index = CodeIndex(ids, codes, index)
                     self.index_loaded_from_disk = True
                     return
             except (TypeError, ValueError, RuntimeError):
@@ -183,38 +182,30 @@ class Shard:
 
     def _set_index(self, ids: np.ndarray, padded: np.ndarray) -> None:
         layout = self.layout
-        if layout.index_type == "flat":
-            index = faiss.IndexBinaryFlat(layout.padded_bytes * 8)
-            index.use_heap = False  # counting selection: faster here, and keeps ties in scan (= id) order
-        else:
-            index = faiss.IndexBinaryHash(layout.padded_bytes * 8, min(layout.hash_bits, layout.bits))
-        if len(ids):
-            index.add(padded)
-        self._ids, self._codes, self._index = ids, padded, index
+        self.code_index = CodeIndex.build(ids, padded, layout.index_type, layout.bits, layout.hash_bits)
 
     def sync_index(self) -> None:
         """Fold adds made since the last search into the sorted arrays and the Faiss index (not thread-safe:
         the catalog calls it before it fans out)."""
         if not self._pending:
             return
-        ids = np.concatenate([self._ids] + [p[0] for p in self._pending])
-        codes = np.concatenate([self._codes] + [p[1] for p in self._pending])
+        ids = np.concatenate([self.code_index.ids] + [p[0] for p in self._pending])
+        codes = np.concatenate([self.code_index.codes] + [p[1] for p in self._pending])
         self._pending = []
-        order = np.argsort(ids, kind="stable")
-        self._set_index(ids[order], codes[order])
+        self._set_index(ids, codes)
 
     def flush(self) -> None:
         """Store the index with the generation it reflects, so the next open needs no rebuild."""
         self._require_writer()
         self.sync_index()
-        index_blob = faiss.serialize_index_binary(self._index).tobytes()
+        index_blob = faiss.serialize_index_binary(self.code_index.index).tobytes()
 
         def store(txn: lmdb.Transaction) -> None:
             if int(txn.get(b"generation", db=self._info) or b"0") != self.generation:
                 raise CatalogError(f"{self.data_file}: changed by another writer")
             txn.put(b"index", index_blob, db=self._info)
-            txn.put(b"ids", self._ids.tobytes(), db=self._info)
-            txn.put(b"codes", self._codes.tobytes(), db=self._info)
+            txn.put(b"ids", self.code_index.ids.tobytes(), db=self._info)
+            txn.put(b"codes", self.code_index.codes.tobytes(), db=self._info)
             txn.put(b"index_generation", str(self.generation).encode(), db=self._info)
 
         self._write(store)
@@ -281,14 +272,14 @@ class Shard:
 
         removed, self.generation = self._write(remove)
         self.sync_index()
-        keep = ~np.isin(self._ids, np.asarray(ids, dtype=np.int64))
+        keep = ~np.isin(self.code_index.ids, np.asarray(ids, dtype=np.int64))
         if not keep.all():
-            self._set_index(self._ids[keep], self._codes[keep])
+            self._set_index(self.code_index.ids[keep], self.code_index.codes[keep])
         return removed
 
     # ------------------------------------------------------------------ reads
     def __len__(self) -> int:
-        return len(self._ids) + sum(len(p[0]) for p in self._pending)
+        return len(self.code_index) + sum(len(p[0]) for p in self._pending)
 
     def _get(self, ids: np.ndarray, db: Any) -> list[bytes | None]:
         keys = id_keys(ids)
@@ -315,33 +306,6 @@ class Shard:
                 meta = metas.get(key)
                 yield (int.from_bytes(key, "big"), code, features.get(key),
                        msgpack.unpackb(meta) if meta is not None else None)
-
-    def search_knn(self, padded_queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, ids) of the m nearest codes per query, sorted by (distance, id); id -1 pads."""
-        k = min(m, len(self._ids))
-        if k == 0:
-            empty = np.empty((len(padded_queries), 0))
-            return empty.astype(np.int32), empty.astype(np.int64)
-        if self.layout.index_type == "hash":
-            self._index.nflip = min(KNN_HASH_FLIPS, self._index.b)
-        distances, positions = self._index.search(padded_queries, k)
-        ids = np.where(positions >= 0, self._ids[np.maximum(positions, 0)], -1)
-        if self.layout.index_type != "flat":  # hash buckets come back in bucket order
-            missing = ids < 0
-            order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, ids),
-                                np.where(missing, np.iinfo(np.int32).max, distances)), axis=-1)
-            distances, ids = np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
-        return distances.astype(np.int32), ids
-
-    def search_radius(self, padded_queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per query, every item within Hamming distance `radius` (inclusive), unsorted."""
-        if len(self._ids) == 0:
-            return [(np.empty(0, np.int32), np.empty(0, np.int64)) for _ in padded_queries]
-        if self.layout.index_type == "hash":
-            self._index.nflip = min(radius, self._index.b)  # visit every bucket the radius can reach: exact
-        limits, distances, positions = self._index.range_search(padded_queries, radius + 1)
-        return [(distances[limits[q]:limits[q + 1]].astype(np.int32), self._ids[positions[limits[q]:limits[q + 1]]])
-                for q in range(len(padded_queries))]
 
 
 class _Borrowed:

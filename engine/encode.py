@@ -1,7 +1,8 @@
-"""Batch encoding of image files: decoding runs in DataLoader workers while the model encodes in the main process."""
+"""Batch encoding of image files: decoding (worker processes or a thread) overlaps with the model's encoding."""
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -39,6 +40,7 @@ class _Files(Dataset):
 
 
 def _collate(items: list) -> list:
+    """Keep a batch as a list: failed images (None) cannot be stacked."""
     return items
 
 
@@ -49,20 +51,39 @@ def pick_device(name: str) -> torch.device:
 
 
 def default_workers() -> int:
-    """Decoding processes beside the encoder. On 2 cores, decoding inline is fastest (measured: 840 img/s
-    inline against 535 with 2 worker processes fighting the model's threads for the cores)."""
+    """Decoding processes beside the encoder. On 2 cores none: decoding in one thread of this process is
+    fastest (measured: 704 img/s decoding inline against 535 with 2 worker processes fighting the model's
+    threads for the cores; see benchmarks/RESULTS.md)."""
     cores = os.cpu_count() or 1
     return 0 if cores <= 2 else min(8, cores // 2)
+
+
+def _decoded_batches(files: _Files, batch_size: int, workers: int) -> Iterator[list]:
+    """Batches of (position, image or None, error or None): from DataLoader worker processes, or with no
+    workers from one thread that decodes the next batch while the model encodes this one (Pillow and torch
+    both release the GIL)."""
+    if workers:
+        yield from DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                              prefetch_factor=4)
+        return
+
+    def decode(start: int) -> list:
+        return [files[i] for i in range(start, min(start + batch_size, len(files)))]
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(decode, 0)
+        for start in range(0, len(files), batch_size):
+            items = pending.result()
+            if start + batch_size < len(files):
+                pending = pool.submit(decode, start + batch_size)
+            yield items
 
 
 def encode_files(model: HashingNet, files: Sequence[Path], batch_size: int = 256,
                  workers: int | None = None) -> Iterator[EncodedBatch]:
     """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
     workers = default_workers() if workers is None else workers
-    loader = DataLoader(_Files(files, model.config.input_size), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_collate, prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
-    for items in loader:
+    for items in _decoded_batches(_Files(files, model.config.input_size), batch_size, workers):
         good = [(position, image) for position, image, _ in items if image is not None]
         failures = [(position, error) for position, image, error in items if image is None]
         if good:

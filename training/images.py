@@ -41,7 +41,7 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
                     raise BadImage(f"{image.width}x{image.height} pixels is over the {MAX_PIXELS} limit")
                 image.seek(0)
                 image.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
-                image = ImageOps.exif_transpose(image)
+                ImageOps.exif_transpose(image, in_place=True)
                 image = _to_rgb(image)
                 if image.size != (size, size):
                     image = ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
@@ -62,4 +62,4 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         return background
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")

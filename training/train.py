@@ -71,7 +71,7 @@ def pick_device(name: str) -> torch.device:
 def use_bf16(amp: str, device: torch.device, model: nn.Module) -> bool:
     """bf16 autocast pays on GPUs, and on CPUs with AVX-512 (bf16 units) for dense convnets only.
 
-    Measured: on an AVX2-only CPU, bf16 autocast trains cifar_convnet 18x *slower* (7 vs 129 img/s);
+    Measured (benchmarks/RESULTS.md): on an AVX2-only CPU, bf16 autocast trains 12-16x *slower* than fp32;
     on AVX-512 CPUs it is ~2x faster for dense convnets and 2-4x slower for depthwise/grouped ones.
     """
     if amp != "auto":

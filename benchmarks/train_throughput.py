@@ -1,0 +1,53 @@
+"""Images per second of a training step (forward + backward + SGD) and of inference, per backbone and precision.
+
+  python benchmarks/train_throughput.py --backbones cifar_convnet cifar_convnet_small --batch-size 128
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import common  # noqa: F401
+from common import machine, timed
+from training.model import create_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["cifar_convnet", "cifar_convnet_small"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=32)
+    args = parser.parse_args()
+    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}\n")
+    print("| backbone | params | precision | train img/s | inference img/s |\n|---|---|---|---|---|")
+    images = torch.randint(0, 256, (args.batch_size, 3, args.size, args.size), dtype=torch.uint8)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (args.batch_size,))
+    for name in args.backbones:
+        model = create_model(name, 48, [str(i) for i in range(10)], args.size).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        for bf16 in (False, True):
+            def step() -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(model(images).float(), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+            def infer() -> None:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    model(images)
+
+            repeat = 1 if bf16 else 5
+            train_rate = args.batch_size / timed(step, repeat, 1)
+            infer_rate = args.batch_size / timed(infer, repeat, 1)
+            print(f"| {name} | {params:.1f} M | {'bf16 autocast' if bf16 else 'fp32'} | {train_rate:,.0f} | "
+                  f"{infer_rate:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,6 @@ def make_faiss_index(index_type: str, bits: int, hash_bits: int, padded: np.ndar
     d = padded.shape[1] * 8
     if index_type == "flat":
         index = faiss.IndexBinaryFlat(d)
-        index.use_heap = False  # counting selection: faster here, and keeps ties in scan (= id) order
     else:
         index = faiss.IndexBinaryHash(d, min(hash_bits, bits))
     if len(padded):
@@ -27,6 +26,8 @@ class CodeIndex:
     def __init__(self, ids: np.ndarray, codes: np.ndarray, index: faiss.IndexBinary):
         self.ids, self.codes, self.index = ids, codes, index
         self.is_flat = isinstance(index, faiss.IndexBinaryFlat)
+        if self.is_flat:  # a runtime setting, not serialized: set it on built and deserialized indices alike
+            index.use_heap = False  # counting selection: faster here, and keeps ties in scan (= id) order
 
     @classmethod
     def build(cls, ids: np.ndarray, padded: np.ndarray, index_type: str, bits: int, hash_bits: int) -> "CodeIndex":

@@ -246,3 +246,15 @@ def test_map_size_grows_as_needed(tmp_path, rng, monkeypatch):
         assert catalog.shards[0].env.info()["map_size"] > 1 << 20
     with Catalog.open(tmp_path / "c") as reopened:
         assert len(reopened) == 20_000
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_reopened_catalog_still_breaks_ties_by_id(tmp_path, rng, shards):
+    ids, codes, features = random_items(rng, 5000, 64)
+    with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=shards) as catalog:
+        catalog.add(ids, codes, features)
+    with Catalog.open(tmp_path / "c") as reopened:  # indices deserialized from LMDB, not built
+        assert all(s.index_loaded_from_disk and s.code_index.index.use_heap is False for s in reopened.shards)
+        for q in codes[:8]:
+            hits = reopened.coarse(q[None], m=700)[0]
+            assert np.array_equal(hits.ids, brute_force_knn(q, ids, codes, 700)[0])

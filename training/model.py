@@ -145,7 +145,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     backbone.load_state_dict(usable, strict=False)
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
         tmp_path = Path(tmp.name)
     try:
@@ -167,10 +167,10 @@ def save_model(model: HashingNet, directory: str | os.PathLike) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "model.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights, lambda p: save_file(state, str(p)))
+    atomic_write(weights, lambda p: save_file(state, str(p)))
     config = asdict(model.config)
     config["fingerprint"] = _fingerprint(weights, config)
-    _atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return config["fingerprint"]
 
 

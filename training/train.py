@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from training.data import FORMATS, Dataset, LabeledImages, load_dataset
 from training.errors import UserError, run_cli
-from training.model import HashingNet, _atomic_write, create_model, save_model
+from training.model import HashingNet, atomic_write, create_model, save_model
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -172,9 +172,9 @@ def save_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimiz
     for key, value in (lookahead or {}).items():
         tensors[f"lookahead.{key}"] = value
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p)))
+    atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p)))
     state = dict(epoch=epoch, step=step, history=history)
-    _atomic_write(out / CHECKPOINT_STATE, lambda p: p.write_text(json.dumps(state)))
+    atomic_write(out / CHECKPOINT_STATE, lambda p: p.write_text(json.dumps(state)))
 
 
 def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimizer,

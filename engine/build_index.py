@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", choices=("flat", "hash"), default="flat",
                         help="Faiss index of a new catalog: exact flat scan (default) or IndexBinaryHash")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=None, help="decoding worker processes (default: 0 on 2 cores, else half the cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding worker processes (default: 0 on 2 cores, else half the cores)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--prune", action="store_true", help="remove items whose image files are gone")
     args = parser.parse_args(argv)

@@ -43,8 +43,8 @@ def export_catalog(catalog_dir: str | os.PathLike, out: str | os.PathLike, progr
                 ids[part] = [item.id for item in chunk]
                 codes[part] = np.stack([item.code for item in chunk])
                 features[part] = np.stack([item.features for item in chunk])
-                labels[part] = [-1 if m.get("label") is None else label_names.setdefault(str(m["label"]), len(label_names))
-                                for m in metas]
+                labels[part] = [-1 if m.get("label") is None
+                                else label_names.setdefault(str(m["label"]), len(label_names)) for m in metas]
                 paths[part] = [m.get("path") or "" for m in metas]
             f.attrs["label_names"] = list(label_names)
     return n

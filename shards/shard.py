@@ -1,7 +1,8 @@
 """One shard: an LMDB environment holding items (code + features), their metadata, and a Faiss binary index.
 
-In memory a shard keeps a CodeIndex: ids sorted, padded codes in the same order, the Faiss index over them. The serialized index is stored beside the items with the generation
-it reflects; opening a shard whose stored index is missing, stale or damaged rebuilds it from the items.
+In memory a shard keeps a CodeIndex: ids sorted, padded codes in the same order, the Faiss index over them.
+The serialized index is stored beside the items with the generation it reflects; opening a shard whose
+stored index is missing, stale or damaged rebuilds it from the items.
 """
 from __future__ import annotations
 
@@ -184,15 +185,18 @@ class Shard:
         layout = self.layout
         self.code_index = CodeIndex.build(ids, padded, layout.index_type, layout.bits, layout.hash_bits)
 
-    def sync_index(self) -> None:
-        """Fold adds made since the last search into the sorted arrays and the Faiss index (not thread-safe:
-        the catalog calls it before it fans out)."""
-        if not self._pending:
-            return
+    def sync_index(self, dropped: np.ndarray | None = None) -> None:
+        """Fold adds made since the last search, and drop the ids `dropped`, into the sorted arrays and the
+        Faiss index, rebuilding it once and only if something changed (not thread-safe: the catalog calls it
+        before it fans out)."""
+        if not self._pending and dropped is None:
+            return  # the search path: nothing to fold
         ids = np.concatenate([self.code_index.ids] + [p[0] for p in self._pending])
         codes = np.concatenate([self.code_index.codes] + [p[1] for p in self._pending])
-        self._pending = []
-        self._set_index(ids, codes)
+        keep = ~np.isin(ids, dropped) if dropped is not None else np.ones(len(ids), bool)
+        if self._pending or not keep.all():
+            self._pending = []
+            self._set_index(ids[keep], codes[keep])
 
     def flush(self) -> None:
         """Store the index with the generation it reflects, so the next open needs no rebuild."""
@@ -271,10 +275,7 @@ class Shard:
             return removed, self._bump_generation(txn)
 
         removed, self.generation = self._write(remove)
-        self.sync_index()
-        keep = ~np.isin(self.code_index.ids, np.asarray(ids, dtype=np.int64))
-        if not keep.all():
-            self._set_index(self.code_index.ids[keep], self.code_index.codes[keep])
+        self.sync_index(dropped=np.asarray(ids, dtype=np.int64))
         return removed
 
     # ------------------------------------------------------------------ reads

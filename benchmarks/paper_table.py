@@ -1,12 +1,17 @@
-"""The paper's table: mAP@1000 and precision@k on CIFAR-10 (or MNIST), one model per code length.
+"""The paper's table: mAP@1000 and precision@k on CIFAR-10 (or MNIST), every method measured on one protocol.
 
   python benchmarks/paper_table.py --data ../shared/data/cifar-10-batches-py --bits 12 32 48
   python benchmarks/paper_table.py --dataset mnist --data ../shared/data/mnist --bits 48
-  python benchmarks/paper_table.py --data ../shared/data/cifar-10-batches-py --bits 48 --models runs/
+  python benchmarks/paper_table.py --data ../shared/data/cifar-10-batches-py --bits 12 32 48 --models runs/ \\
+      --methods latent lsh itq itq-cca ksh cnnh cnnh+ --features gist backbone
 
 Protocol (DESIGN.md section 1): queries = the test set, database = the training set, both in their original
 order; Hamming ranking with ties by database order; AP normalised by the relevant items found in the top K.
-Models are trained from scratch unless `--models DIR` holds `bitsK/` (or a model for that length directly).
+
+Methods: `latent` is the paper's latent layer; `lsh`, `itq`, `itq-cca`, `ksh` hash features after the fact
+(fitted on the training set: `--features gist` = 512-d GIST as the original comparisons, `backbone` = the
+latent model's own backbone features); `cnnh`, `cnnh+` train the same backbone on CNNH target codes.
+Networks are trained from scratch unless `--models DIR` holds them (`bitsK/`, `cnnh/bitsK/`, `cnnh+/bitsK/`).
 """
 from __future__ import annotations
 
@@ -21,11 +26,24 @@ import torch
 import common  # noqa: F401
 from common import machine
 from engine.metrics import retrieval_metrics, two_stage_metrics
-from training.data import load_dataset
+from training.data import Dataset, load_dataset
+from training.gist import gist
+from training.hashers import HASHERS, SUPERVISED, fit_hasher
 from training.model import load_model
 from training.train import TrainConfig, train
 
-PAPER_CIFAR10 = {12: 0.8930, 32: 0.8972, 48: 0.8973}  # Lin et al. 2015, Table 1 (AlexNet, ImageNet-pretrained)
+NETWORKS = ("latent", "cnnh", "cnnh+")
+METHODS = ("latent", *HASHERS, "cnnh", "cnnh+")
+# Lin et al. 2015, Table 1 (CIFAR-10 mAP). Only their own row was measured by them; the baseline rows were
+# copied from Xia et al. (AAAI 2014), who used another split and protocol (DESIGN.md section 1).
+PAPER_CIFAR10 = {
+    "latent": {12: 0.8930, 32: 0.8972, 48: 0.8973},
+    "cnnh+": {12: 0.465, 32: 0.521, 48: 0.532},
+    "cnnh": {12: 0.439, 32: 0.509, 48: 0.522},
+    "ksh": {12: 0.303, 32: 0.346, 48: 0.356},
+    "itq-cca": {12: 0.264, 32: 0.288, 48: 0.295},
+    "lsh": {12: 0.121, 32: 0.120, 48: 0.120},
+}
 
 
 def encode_all(model, images: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -38,14 +56,148 @@ def encode_all(model, images: torch.Tensor, batch_size: int = 1000) -> tuple[np.
     return np.concatenate(codes), np.concatenate(features)
 
 
-def find_model(models: Path | None, bits: int) -> Path | None:
+def model_subdir(objective: str, bits: int) -> Path:
+    return Path(f"bits{bits}") if objective == "latent" else Path(objective) / f"bits{bits}"
+
+
+def find_model(models: Path | None, objective: str, bits: int) -> Path | None:
     if models is None:
         return None
-    for candidate in (models / f"bits{bits}", models):
+    candidates = [models / model_subdir(objective, bits)] + ([models] if objective == "latent" else [])
+    for candidate in candidates:
         config = candidate / "config.json"
-        if config.is_file() and json.loads(config.read_text())["bits"] == bits:
-            return candidate
+        if config.is_file():
+            stored = json.loads(config.read_text())
+            if stored["bits"] == bits and stored.get("extra", {}).get("objective", "latent") == objective:
+                return candidate
     return None
+
+
+def network(args: argparse.Namespace, data: Dataset, objective: str, bits: int) -> tuple[Path, float | None]:
+    """A trained network for (objective, bits): found in --models, or trained now; and its training seconds."""
+    found = find_model(args.models, objective, bits)
+    if found is not None:
+        summary = found / "summary.json"
+        return found, json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
+    out = args.out / "models" / model_subdir(objective, bits)
+    epochs = args.epochs if objective == "latent" else (args.cnnh_epochs or args.epochs)
+    start = time.perf_counter()
+    train(TrainConfig(data=args.data, out=str(out), format=args.dataset, backbone=args.backbone, bits=bits,
+                      epochs=epochs, batch_size=args.batch_size, label_smoothing=args.label_smoothing,
+                      objective=objective), dataset=data)
+    return out, time.perf_counter() - start
+
+
+def gist_features(args: argparse.Namespace, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """GIST of the test and training images, cached in --out (plain .npy, no pickle)."""
+    cached = args.out / f"gist_{args.dataset}.npz"
+    if cached.is_file():
+        with np.load(cached, allow_pickle=False) as stored:
+            return stored["test"], stored["train"]
+    start = time.perf_counter()
+    test, train_set = gist(data.test.images), gist(data.train.images)
+    print(f"GIST of {len(test) + len(train_set):,} images in {time.perf_counter() - start:.0f}s", flush=True)
+    np.savez(cached, test=test, train=train_set)
+    return test, train_set
+
+
+def score(args: argparse.Namespace, labels: tuple[np.ndarray, np.ndarray], method: str, features: str, bits: int,
+          codes: tuple[np.ndarray, np.ndarray], vectors: tuple[np.ndarray, np.ndarray], **extra) -> dict:
+    """One row: mAP and P@k by Hamming ranking, and by the two-stage search re-ranking on `vectors`."""
+    (query_labels, db_labels), (query_codes, db_codes) = labels, codes
+    start = time.perf_counter()
+    hamming_map, precision = retrieval_metrics(query_codes, query_labels, db_codes, db_labels, args.top_k)
+    metric_seconds = time.perf_counter() - start
+    two_stage_map, two_stage_precision = two_stage_metrics(query_codes, query_labels, vectors[0], db_codes,
+                                                           db_labels, vectors[1], pool=args.top_k, top_k=args.top_k)
+    print(f"{method} ({features}), {bits} bits: mAP@{args.top_k} {hamming_map:.4f} (Hamming), "
+          f"{two_stage_map:.4f} (two-stage); metric {metric_seconds:.1f}s", flush=True)
+    return dict(method=method, features=features, bits=bits, map=hamming_map, two_stage_map=two_stage_map,
+                precision=precision.tolist(), two_stage_precision=two_stage_precision.tolist(),
+                metric_seconds=metric_seconds, **extra)
+
+
+def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
+    data = load_dataset(args.data, args.dataset)
+    labels = (data.test.labels.numpy(), data.train.labels.numpy())
+    hashers = [m for m in args.methods if m in HASHERS]
+    gist_vectors = gist_features(args, data) if hashers and "gist" in args.features else None
+    rows = []
+    for bits in args.bits:
+        backbone_vectors = None
+        for objective in [m for m in NETWORKS if m in args.methods or (m == "latent" and "backbone" in args.features
+                                                                        and hashers)]:
+            model_dir, train_seconds = network(args, data, objective, bits)
+            model = load_model(model_dir)
+            start = time.perf_counter()
+            (query_codes, query_vectors), (db_codes, db_vectors) = (encode_all(model, data.test.images),
+                                                                    encode_all(model, data.train.images))
+            encode_seconds = time.perf_counter() - start
+            if objective == "latent":
+                backbone_vectors = (query_vectors, db_vectors)
+            if objective in args.methods:
+                rows.append(score(args, labels, objective, "backbone", bits, (query_codes, db_codes),
+                                  (query_vectors, db_vectors), model=str(model_dir), fit_seconds=train_seconds,
+                                  encode_seconds=encode_seconds))
+        for method in hashers:
+            for features in args.features:
+                vectors = gist_vectors if features == "gist" else backbone_vectors
+                if bits > vectors[1].shape[1] and method in ("itq", "itq-cca"):
+                    print(f"skipping {method} ({features}) at {bits} bits: more bits than feature dimensions")
+                    continue
+                hasher = fit_hasher(method, vectors[1], bits, labels[1] if method in SUPERVISED else None,
+                                    seed=args.seed)
+                start = time.perf_counter()
+                codes = (hasher.encode(vectors[0]), hasher.encode(vectors[1]))
+                rows.append(score(args, labels, method, features, bits, codes, vectors,
+                                  fit_seconds=hasher.fit_seconds, encode_seconds=time.perf_counter() - start))
+    return rows, data
+
+
+def tables(rows: list[dict], args: argparse.Namespace, queries: int, database: int) -> str:
+    bits = sorted({r["bits"] for r in rows})
+    paper = PAPER_CIFAR10 if args.dataset == "cifar10" else {}
+    lines = [f"{args.dataset}, mAP@{args.top_k} by Hamming ranking: {queries:,} test queries vs {database:,} "
+             f"training images; machine: {machine()}", "",
+             "| method | features | " + " | ".join(f"{b} bits" for b in bits) + " | paper (" +
+             "/".join(str(b) for b in sorted(PAPER_CIFAR10['latent'])) + " bits) |",
+             "|---|---|" + "---|" * len(bits) + "---|"]
+    for method, features in dict.fromkeys((r["method"], r["features"]) for r in rows):
+        cells = {r["bits"]: r for r in rows if (r["method"], r["features"]) == (method, features)}
+        printed = paper.get(method)
+        lines.append(f"| {method} | {features} | " + " | ".join(
+            f"{cells[b]['map']:.4f}" if b in cells else "-" for b in bits) + " | " +
+            ("/".join(f"{v:.3f}" for v in printed.values()) if printed and (method in NETWORKS or features == "gist")
+             else "-")
+            + " |")
+    lines += ["", "| method | features | bits | mAP (Hamming) | mAP (two-stage) | P@100 | fit/train s | encode s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fit = f"{r['fit_seconds']:.1f}" if r.get("fit_seconds") is not None else "-"
+        lines.append(f"| {r['method']} | {r['features']} | {r['bits']} | {r['map']:.4f} | {r['two_stage_map']:.4f} "
+                     f"| {r['precision'][99]:.4f} | {fit} | {r['encode_seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], file: Path, dataset: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bits = sorted({r["bits"] for r in rows})
+    figure, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 4), squeeze=False, sharey=True)
+    for axis, b in zip(axes[0], bits):
+        for r in (r for r in rows if r["bits"] == b):
+            k = np.arange(1, len(r["precision"]) + 1)
+            axis.plot(k, r["precision"], label=f"{r['method']} ({r['features']})")
+            if r["method"] == "latent":
+                axis.plot(k, r["two_stage_precision"], linestyle="--", label="latent, two-stage")
+        axis.set(xlabel="number of top-ranked images k", title=f"{dataset}, {b} bits: precision at k")
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("precision@k")
+    axes[0][-1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(file, dpi=120)
+    print(f"wrote {file}")
 
 
 def main() -> None:
@@ -53,76 +205,27 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--dataset", choices=("cifar10", "mnist"), default="cifar10")
     parser.add_argument("--bits", type=int, nargs="+", default=[12, 32, 48])
-    parser.add_argument("--models", type=Path, help="directory of trained models (bitsK/ subfolders)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["latent"])
+    parser.add_argument("--features", nargs="+", choices=("gist", "backbone"), default=["gist"],
+                        help="what lsh/itq/itq-cca/ksh hash (default: GIST, as the original comparisons)")
+    parser.add_argument("--models", type=Path, help="directory of trained models (bitsK/, cnnh/bitsK/, ...)")
     parser.add_argument("--out", type=Path, default=Path("runs/paper_table"))
     parser.add_argument("--backbone", default="cifar_convnet_small")
     parser.add_argument("--epochs", type=float, default=10)
+    parser.add_argument("--cnnh-epochs", type=float, help="epochs of the CNNH networks (default: --epochs)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--label-smoothing", type=float, default=0.2)
     parser.add_argument("--top-k", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the code makers")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(args.data, args.dataset)
-    query_labels, db_labels = data.test.labels.numpy(), data.train.labels.numpy()
-    results = []
-    for bits in args.bits:
-        model_dir, train_seconds = find_model(args.models, bits), None
-        if model_dir is None:
-            model_dir = args.out / "models" / f"bits{bits}"
-            start = time.perf_counter()
-            train(TrainConfig(data=args.data, out=str(model_dir), format=args.dataset, backbone=args.backbone,
-                              bits=bits, epochs=args.epochs, batch_size=args.batch_size,
-                              label_smoothing=args.label_smoothing), dataset=data)
-            train_seconds = time.perf_counter() - start
-        model = load_model(model_dir)
-        start = time.perf_counter()
-        query_codes, query_features = encode_all(model, data.test.images)
-        db_codes, db_features = encode_all(model, data.train.images)
-        encode_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        hamming_map, precision = retrieval_metrics(query_codes, query_labels, db_codes, db_labels, args.top_k)
-        metric_seconds = time.perf_counter() - start
-        two_stage_map, two_stage_precision = two_stage_metrics(query_codes, query_labels, query_features, db_codes,
-                                                               db_labels, db_features, pool=args.top_k,
-                                                               top_k=args.top_k)
-        summary = json.loads((model_dir / "summary.json").read_text()) if (model_dir / "summary.json").exists() else {}
-        results.append(dict(bits=bits, model=str(model_dir), map=hamming_map, two_stage_map=two_stage_map,
-                            precision=precision.tolist(), two_stage_precision=two_stage_precision.tolist(),
-                            train_seconds=train_seconds or summary.get("seconds"), val_acc=summary.get("val_acc"),
-                            encode_seconds=encode_seconds, metric_seconds=metric_seconds))
-        print(f"{bits} bits: mAP@{args.top_k} {hamming_map:.4f} (Hamming), {two_stage_map:.4f} (two-stage); "
-              f"metric {metric_seconds:.1f}s", flush=True)
-    lines = [f"{args.dataset}, mAP@{args.top_k}: {len(query_labels):,} test queries vs {len(db_labels):,} training "
-             f"images; machine: {machine()}", "",
-             "| bits | mAP (Hamming) | mAP (two-stage) | P@100 | paper mAP | test acc | train s | metric s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        paper = PAPER_CIFAR10.get(r["bits"]) if args.dataset == "cifar10" else None
-        lines.append(f"| {r['bits']} | {r['map']:.4f} | {r['two_stage_map']:.4f} | {r['precision'][99]:.4f} | "
-                     f"{paper if paper else '-'} | {r['val_acc'] if r['val_acc'] is not None else '-'} | "
-                     f"{r['train_seconds']:.0f} | {r['metric_seconds']:.1f} |")
-    table = "\n".join(lines)
+    rows, data = run(args)
+    name = args.dataset if args.methods == ["latent"] else f"{args.dataset}_methods"
+    table = tables(rows, args, len(data.test), len(data.train))
     print("\n" + table)
-    (args.out / f"paper_table_{args.dataset}.md").write_text(table + "\n")
-    (args.out / f"paper_table_{args.dataset}.json").write_text(json.dumps(results) + "\n")
-    plot(results, args.out / f"precision_at_k_{args.dataset}.png", args.dataset)
-
-
-def plot(results: list[dict], file: Path, dataset: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for r in results:
-        k = np.arange(1, len(r["precision"]) + 1)
-        axis.plot(k, r["precision"], label=f"{r['bits']} bits (Hamming)")
-        axis.plot(k, r["two_stage_precision"], linestyle="--", label=f"{r['bits']} bits (two-stage)")
-    axis.set(xlabel="number of top-ranked images k", ylabel="precision@k", title=f"{dataset}: precision at k")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(file, dpi=120)
-    print(f"wrote {file}")
+    (args.out / f"paper_table_{name}.md").write_text(table + "\n")
+    (args.out / f"paper_table_{name}.json").write_text(json.dumps(rows) + "\n")
+    plot(rows, args.out / f"precision_at_k_{name}.png", args.dataset)
 
 
 if __name__ == "__main__":

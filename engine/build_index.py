@@ -19,15 +19,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.encode import encode_files, pick_device
+from engine.encode import Encoder, encode_files, pick_device
 from engine.errors import run_cli
 from shards import Catalog
 from training.errors import UserError
+from training.hashers import HASHERS, SUPERVISED, fit_hasher, load_hasher, save_hasher
 from training.images import list_images
 from training.model import load_model
 
-ENGINE_FILE = "engine.json"  # which model a catalog's codes came from, for queries
+ENGINE_FILE = "engine.json"  # which model (and code maker) a catalog's codes came from, for queries
+CODE_MAKER_FILE = "code-maker.safetensors"
 REPORT_FILE = "build-report.json"
+CODES = ("latent", *HASHERS)
 
 
 @dataclass
@@ -54,22 +57,64 @@ def label_of(path: Path, root: Path) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
-def open_or_create_catalog(catalog_dir: Path, model, shards: int, index: str) -> Catalog:
+def engine_record(catalog_dir: Path) -> dict | None:
+    """engine.json of a catalog: the model directory and code maker its codes came from (None if absent)."""
+    path = Path(catalog_dir) / ENGINE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_encoder(catalog_dir: Path, model_dir: str | os.PathLike | None = None, device: str = "auto") -> Encoder:
+    """The encoder that made a catalog's codes: its recorded model (or `model_dir`) and code maker."""
+    record = engine_record(catalog_dir) or {}
+    model_dir = model_dir or record.get("model_dir")
+    if model_dir is None:
+        raise UserError(f"{catalog_dir} records no model; pass --model MODEL_DIR")
+    model = load_model(model_dir, device=pick_device(device))
+    maker = record.get("code_maker")
+    return Encoder(model, load_hasher(Path(catalog_dir) / maker) if maker else None)
+
+
+def open_or_create_catalog(catalog_dir: Path, encoder: Encoder, shards: int, index: str) -> Catalog:
     if (catalog_dir / "manifest.json").exists():
-        catalog = Catalog.open(catalog_dir, readonly=False, model_fingerprint=model.fingerprint)
-        if catalog.bits != model.config.bits or catalog.manifest.feature_dim != model.config.feature_dim:
+        catalog = Catalog.open(catalog_dir, readonly=False, model_fingerprint=encoder.fingerprint)
+        if catalog.bits != encoder.bits or catalog.manifest.feature_dim != encoder.feature_dim:
             catalog.close()
             raise UserError(f"catalog {catalog_dir} holds {catalog.bits}-bit codes with "
-                            f"{catalog.manifest.feature_dim}-d features; model has {model.config.bits} bits, "
-                            f"{model.config.feature_dim}-d")
+                            f"{catalog.manifest.feature_dim}-d features; the encoder makes {encoder.bits} bits, "
+                            f"{encoder.feature_dim}-d")
         return catalog
-    return Catalog.create(catalog_dir, bits=model.config.bits, feature_dim=model.config.feature_dim,
-                          shards=shards, index=index, model_fingerprint=model.fingerprint)
+    return Catalog.create(catalog_dir, bits=encoder.bits, feature_dim=encoder.feature_dim,
+                          shards=shards, index=index, model_fingerprint=encoder.fingerprint)
+
+
+def fit_code_maker(model, method: str, bits: int, files: list[Path], root: Path, samples: int, batch_size: int,
+                   workers: int | None, progress: bool) -> Encoder:
+    """Fit `method` on the features of up to `samples` images (a seeded random subset; labels from the
+    subfolders for the supervised makers)."""
+    picked = sorted(np.random.default_rng(0).permutation(len(files))[:samples].tolist())
+    sample = [files[p] for p in picked]
+    labels = [label_of(f, root) for f in sample]
+    if method in SUPERVISED and None in labels:
+        raise UserError(f"--codes {method} is supervised: put the images in one subfolder per class")
+    features, kept = [], []
+    bar = tqdm(total=len(sample), desc=f"fitting {method}: encoding", unit="img", disable=not progress)
+    with torch.inference_mode():
+        for batch in encode_files(Encoder(model), sample, batch_size, workers):
+            features.append(batch.features)
+            kept += batch.positions
+            bar.update(len(batch.positions) + len(batch.failures))
+    bar.close()
+    classes = {name: i for i, name in enumerate(sorted({labels[p] for p in kept if labels[p] is not None}))}
+    label_ids = np.array([classes[labels[p]] for p in kept]) if method in SUPERVISED else None
+    return Encoder(model, fit_hasher(method, np.concatenate(features), bits, label_ids))
 
 
 def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, catalog_dir: str | os.PathLike,
                 shards: int = 4, index: str = "flat", batch_size: int = 256, workers: int | None = None,
-                device: str = "auto", prune: bool = False, progress: bool = True) -> BuildSummary:
+                device: str = "auto", prune: bool = False, progress: bool = True, codes: str | None = None,
+                code_bits: int | None = None, fit_samples: int = 20000) -> BuildSummary:
+    """Index (or update) a catalog. `codes` = latent (the model's codes) or a code maker of training.hashers,
+    fitted on the model's features of a new catalog and kept with it; an existing catalog keeps its own."""
     started = time.perf_counter()
     root = Path(image_dir).resolve()
     if not root.is_dir():
@@ -77,12 +122,31 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     files = list_images(root)
     if not files:
         raise UserError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
-    model = load_model(model_dir, device=pick_device(device))
     catalog_dir = Path(catalog_dir)
+    record = engine_record(catalog_dir) if (catalog_dir / "manifest.json").exists() else None
+    if record is not None:
+        recorded = record.get("codes", "latent")
+        if codes not in (None, recorded):
+            raise UserError(f"catalog {catalog_dir} holds {recorded} codes; it cannot take --codes {codes} "
+                            "(build a new catalog for other codes)")
+        encoder = load_encoder(catalog_dir, model_dir, device)
+    else:
+        codes = codes or "latent"
+        if codes not in CODES:
+            raise UserError(f"--codes must be one of {', '.join(CODES)}, not '{codes}'")
+        model = load_model(model_dir, device=pick_device(device))
+        encoder = Encoder(model)
+        if codes != "latent":
+            encoder = fit_code_maker(model, codes, code_bits or model.config.bits, files, root, fit_samples,
+                                     batch_size, workers, progress)
+            catalog_dir.mkdir(parents=True, exist_ok=True)
+            save_hasher(encoder.hasher, catalog_dir / CODE_MAKER_FILE)
     summary = BuildSummary(found=len(files))
-    with open_or_create_catalog(catalog_dir, model, shards, index) as catalog:
+    with open_or_create_catalog(catalog_dir, encoder, shards, index) as catalog:
         (catalog_dir / ENGINE_FILE).write_text(json.dumps(
-            {"model_dir": str(Path(model_dir).resolve()), "model_fingerprint": model.fingerprint}, indent=2) + "\n")
+            {"model_dir": str(Path(model_dir).resolve()), "model_fingerprint": encoder.model.fingerprint,
+             "codes": encoder.codes, "code_maker": CODE_MAKER_FILE if encoder.hasher is not None else None},
+            indent=2) + "\n")
         ids = np.array([item_id(f) for f in files], dtype=np.int64)
         stats = [f.stat() for f in files]
         todo, changed = [], []
@@ -104,7 +168,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         bar = tqdm(total=len(todo_files), desc="indexing", unit="img", disable=not progress)
         encode_start = time.perf_counter()
         with torch.inference_mode():
-            for batch in encode_files(model, todo_files, batch_size, workers):
+            for batch in encode_files(encoder, todo_files, batch_size, workers):
                 positions = [todo[p] for p in batch.positions]
                 metas = [dict(path=str(files[p]), label=label_of(files[p], root), size=stats[p].st_size,
                               mtime_ns=stats[p].st_mtime_ns) for p in positions]
@@ -134,6 +198,7 @@ def _prune(catalog: Catalog, root: Path, present: set[int]) -> int:
 EXAMPLES = """examples:
   build-index photos/ --model models/shop48 --catalog catalogs/shop
   build-index photos/ --model models/shop48 --catalog catalogs/shop --shards 8 --workers 4 --prune
+  build-index photos/ --model models/shop48 --catalog catalogs/shop-itq --codes itq --code-bits 64
   python -m engine.build_index ../shared/data/cifar10-sample-png --model models/cifar48 --catalog /tmp/cat
 """
 
@@ -152,11 +217,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="decoding worker processes (default: 0 on 2 cores, else half the cores)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--prune", action="store_true", help="remove items whose image files are gone")
+    parser.add_argument("--codes", choices=CODES, default=None,
+                        help="codes of a new catalog: latent = the model's latent layer (default); lsh/itq "
+                        "hash the model's features with no labels, itq-cca/ksh with the subfolder labels")
+    parser.add_argument("--code-bits", type=int, help="code length for --codes other than latent "
+                        "(default: the model's bits)")
+    parser.add_argument("--fit-samples", type=int, default=20000,
+                        help="images the code maker is fitted on (default %(default)s)")
     args = parser.parse_args(argv)
 
     def body() -> int:
         summary = build_index(args.image_dir, args.model, args.catalog, args.shards, args.index, args.batch_size,
-                              args.workers, args.device, args.prune)
+                              args.workers, args.device, args.prune, codes=args.codes, code_bits=args.code_bits,
+                              fit_samples=args.fit_samples)
         print(f"indexed {summary.indexed}, unchanged {summary.unchanged}, re-indexed {summary.reindexed}, "
               f"pruned {summary.pruned}, failed {summary.failed} of {summary.found} images in "
               f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} img/s)")

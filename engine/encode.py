@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from training.hashers import FeatureHasher
 from training.images import BadImage, load_image
 from training.model import HashingNet
 
@@ -42,6 +43,46 @@ class _Files(Dataset):
 def _collate(items: list) -> list:
     """Keep a batch as a list: failed images (None) cannot be stacked."""
     return items
+
+
+@dataclass
+class Encoder:
+    """Images -> (codes, features): the model's latent-layer codes, or a code maker's codes of the model's
+    features when the catalog was built with `--codes lsh|itq|itq-cca|ksh`."""
+
+    model: HashingNet
+    hasher: FeatureHasher | None = None
+
+    @property
+    def input_size(self) -> int:
+        return self.model.config.input_size
+
+    @property
+    def bits(self) -> int:
+        return self.hasher.bits if self.hasher is not None else self.model.config.bits
+
+    @property
+    def code_bytes(self) -> int:
+        return (self.bits + 7) // 8
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.feature_dim
+
+    @property
+    def codes(self) -> str:
+        return self.hasher.method if self.hasher is not None else "latent"
+
+    @property
+    def fingerprint(self) -> str:
+        """What a catalog records as the maker of its codes: the model, plus the code maker if any."""
+        if self.hasher is None:
+            return self.model.fingerprint
+        return f"{self.model.fingerprint}+{self.hasher.method}:{self.hasher.fingerprint}"
+
+    def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        codes, features = self.model.encode(images)
+        return (self.hasher.encode(features) if self.hasher is not None else codes), features
 
 
 def pick_device(name: str) -> torch.device:
@@ -79,16 +120,16 @@ def _decoded_batches(files: _Files, batch_size: int, workers: int) -> Iterator[l
             yield items
 
 
-def encode_files(model: HashingNet, files: Sequence[Path], batch_size: int = 256,
+def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
                  workers: int | None = None) -> Iterator[EncodedBatch]:
     """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
     workers = default_workers() if workers is None else workers
-    for items in _decoded_batches(_Files(files, model.config.input_size), batch_size, workers):
+    for items in _decoded_batches(_Files(files, encoder.input_size), batch_size, workers):
         good = [(position, image) for position, image, _ in items if image is not None]
         failures = [(position, error) for position, image, error in items if image is None]
         if good:
-            codes, features = model.encode(torch.stack([image for _, image in good]))
+            codes, features = encoder.encode(torch.stack([image for _, image in good]))
         else:
-            codes = np.empty((0, model.config.code_bytes), np.uint8)
-            features = np.empty((0, model.config.feature_dim), np.float32)
+            codes = np.empty((0, encoder.code_bytes), np.uint8)
+            features = np.empty((0, encoder.feature_dim), np.float32)
         yield EncodedBatch([position for position, _ in good], codes, features, failures)

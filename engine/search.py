@@ -1,7 +1,6 @@
 """The Python API behind `python -m engine.query`: images (or catalog ids) in, ranked catalog items out."""
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -11,12 +10,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.build_index import ENGINE_FILE, item_id
-from engine.encode import pick_device
+from engine.build_index import item_id, load_encoder
+from engine.encode import Encoder
 from shards import Catalog, CatalogError, Hits
 from training.errors import UserError
 from training.images import BadImage, load_image
-from training.model import load_model
 
 
 @dataclass
@@ -42,7 +40,8 @@ class Timings:
 class Searcher:
     """Two-stage search over a catalog: Hamming pool, then Euclidean re-ranking on stored features.
 
-    The model is the one the catalog was built with (recorded in the catalog) unless `model_dir` is given.
+    The model (and code maker) are the ones the catalog was built with, as recorded in the catalog, unless
+    `model_dir` is given.
     """
 
     def __init__(self, catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
@@ -51,25 +50,20 @@ class Searcher:
         self.catalog = Catalog.open(self.catalog_dir, readonly=True)
         self._model_dir = model_dir
         self._device = device
-        self._model = None
+        self._encoder = None
         self.timings = Timings()
 
     @property
-    def model(self):
+    def encoder(self) -> Encoder:
         """Loaded on first use: searching by catalog id needs no model."""
-        if self._model is None:
-            model_dir = self._model_dir
-            if model_dir is None:
-                engine_file = self.catalog_dir / ENGINE_FILE
-                if not engine_file.is_file():
-                    raise UserError(f"{self.catalog_dir} records no model; pass --model MODEL_DIR")
-                model_dir = json.loads(engine_file.read_text())["model_dir"]
-            model = load_model(model_dir, device=pick_device(self._device))
-            if model.fingerprint != self.catalog.manifest.model_fingerprint:
-                raise CatalogError(f"model {model_dir} ({model.fingerprint}) did not make the codes of "
-                                   f"{self.catalog_dir} ({self.catalog.manifest.model_fingerprint})")
-            self._model = model
-        return self._model
+        if self._encoder is None:
+            encoder = load_encoder(self.catalog_dir, self._model_dir, self._device)
+            if encoder.fingerprint != self.catalog.manifest.model_fingerprint:
+                raise CatalogError(f"model {self._model_dir or 'recorded in the catalog'} ({encoder.fingerprint}) "
+                                   f"did not make the codes of {self.catalog_dir} "
+                                   f"({self.catalog.manifest.model_fingerprint})")
+            self._encoder = encoder
+        return self._encoder
 
     def encode(self, images: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
         """Codes and features of image files (a file already indexed is read from the catalog, not re-encoded)."""
@@ -88,13 +82,13 @@ class Searcher:
                 fresh.append(row)
         if fresh:
             start = time.perf_counter()
-            size = self.model.config.input_size
+            size = self.encoder.input_size
             try:
                 batch = torch.stack([load_image(paths[row], size) for row in fresh])
             except BadImage as error:
                 raise UserError(f"cannot read query image: {error}") from error
             decoded = time.perf_counter()
-            codes[fresh], features[fresh] = self.model.encode(batch)
+            codes[fresh], features[fresh] = self.encoder.encode(batch)
             self.timings.decode += decoded - start
             self.timings.encode += time.perf_counter() - decoded
         return codes, features

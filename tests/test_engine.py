@@ -182,3 +182,25 @@ def test_catalog_of_another_model_is_refused(built, image_folder, tmp_path, cli_
 def test_query_with_missing_image_is_one_line_error(built, cli_env):
     result = cli("engine.query", ["--catalog", built, "/no/such/image.png"], cli_env)
     assert result.returncode == 2 and "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("codes", ["itq", "ksh"])
+def test_build_index_with_a_code_maker_over_the_model_features(codes, image_folder, trained_model, tmp_path,
+                                                               cli_env):
+    """--codes fits a code maker on the model's features (KSH with the folder labels), keeps it with the
+    catalog, and queries encode through it; the catalog then refuses other codes."""
+    catalog = tmp_path / "c"
+    result = cli("engine.build_index", [image_folder, "--model", trained_model, "--catalog", catalog,
+                                        "--codes", codes, "--code-bits", "24", "--workers", "0"], cli_env)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((catalog / "engine.json").read_text())
+    assert record["codes"] == codes and (catalog / record["code_maker"]).is_file()
+    queries = make_image_folder(tmp_path / "q", per_class=2, seed=7, start=500)
+    with Searcher(catalog) as searcher:
+        assert searcher.catalog.bits == 24 and searcher.encoder.bits == 24
+        answers = searcher.search(queries, k=5, rerank=False)
+    same = [r.label == os.path.basename(os.path.dirname(q)) for q, a in zip(queries, answers) for r in a]
+    assert np.mean(same) >= 0.6
+    again = cli("engine.build_index", [image_folder, "--model", trained_model, "--catalog", catalog,
+                                       "--codes", "lsh"], cli_env)
+    assert again.returncode == 2 and f"holds {codes} codes" in again.stderr and "Traceback" not in again.stderr

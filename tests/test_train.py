@@ -4,14 +4,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.metrics import retrieval_metrics
 from engine.synthetic import make_image_folder
+from training.cnnh import cnnh_target_codes
 from training.data import load_dataset
 from training.model import load_model
-from training.train import CHECKPOINT, evaluate
+from training.train import CHECKPOINT, TrainConfig, evaluate, train
 
 
 def test_training_lowers_loss_and_beats_chance(trained_model):
@@ -84,3 +87,25 @@ def test_cli_trains_and_bad_images_do_not_stop_it(tmp_path, cli_env):
                    "--backbone", "cifar_convnet_small", "--batch-size", "8"], cli_env)
     assert result.returncode == 0, result.stderr
     assert load_model(tmp_path / "m").config.bits == 8
+
+
+@pytest.mark.parametrize("objective", ["cnnh", "cnnh+"])
+def test_cnnh_objectives_learn_the_stage_one_codes(objective, tmp_path, image_folder):
+    """Stage 2 of CNNH: the latent units learn the target codes (and, for cnnh+, the classes too)."""
+    out = tmp_path / objective
+    summary = train(TrainConfig(data=str(image_folder), out=str(out), backbone="cifar_convnet_small", bits=16,
+                                epochs=6, batch_size=32, lr=8.0, val_split=0.2, tta=False, objective=objective))
+    history = summary["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["train_acc"] > 0.75  # cnnh: the fraction of target bits hit; cnnh+: class accuracy
+    assert (history[-1]["val_acc"] is None) == (objective == "cnnh")
+    model = load_model(out)
+    assert model.config.extra["objective"] == objective
+    data = load_dataset(image_folder, val_split=0.2, seed=0)
+    with torch.no_grad():
+        train_codes, _ = model.encode(data.train.images)
+        test_codes, _ = model.encode(data.test.images)
+    targets = cnnh_target_codes(data.train.labels.numpy(), 16)
+    assert (np.unpackbits(train_codes, axis=1) == targets).mean() > 0.8  # bit agreement; chance is 0.5
+    score, _ = retrieval_metrics(test_codes, data.test.labels.numpy(), train_codes, data.train.labels.numpy(), 20)
+    assert score > 0.4  # ten classes: random codes score about 0.1

@@ -82,8 +82,11 @@ class HashingNet(nn.Module):
         """Pooled backbone features: the re-ranking features and the latent layer's input."""
         return self.backbone(self.normalize(images))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.sigmoid(self.latent(self.features(images))))
+    def forward(self, images: torch.Tensor, with_latent: bool = False):
+        """Class logits; with `with_latent`, (latent pre-activations, class logits) for code-target losses."""
+        latent = self.latent(self.features(images))
+        logits = self.classifier(torch.sigmoid(latent))
+        return (latent, logits) if with_latent else logits
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,8 @@
 """Train a hashing network: `python -m training.train --data PATH --out MODEL_DIR`.
 
+With `--objective cnnh` or `cnnh+` the same loop trains the CNNH baselines (Xia et al., AAAI 2014) instead:
+the latent units learn stage 1's target codes (training/cnnh.py), alone or beside the class cross-entropy.
+
 The loop follows airbench94 (Keller Jordan): whole-batch tensor augmentation of in-memory uint8 images,
 Nesterov SGD with a triangular learning-rate schedule, BatchNorm biases at a higher rate, and Lookahead
 weight averaging. The loss is the paper's plain cross-entropy; label smoothing is an option, off by default.
@@ -21,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from training.cnnh import cnnh_target_codes
 from training.data import FORMATS, Dataset, LabeledImages, load_dataset
 from training.errors import UserError, run_cli
 from training.model import HashingNet, atomic_write, create_model, save_model
@@ -44,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 1.5e-3  # per-step decay at batch 1024 divided by lr, scaled like lr
     norm_bias_lr_scale: float = 64.0
     label_smoothing: float = 0.0
+    objective: str = "latent"  # latent (the paper), cnnh or cnnh+ (baselines)
     translate: int = 2
     flip: bool = True
     lookahead: bool = True
@@ -143,6 +148,21 @@ def evaluate(model: nn.Module, data: LabeledImages, device: torch.device, bf16: 
     return correct / max(1, len(data))
 
 
+OBJECTIVES = ("latent", "cnnh", "cnnh+")
+
+
+def hashing_loss(objective: str, latent: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                 target_bits: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
+    """latent: the paper's cross-entropy on the classes, codes emerge in the latent layer. cnnh: binary
+    cross-entropy of each latent unit against stage 1's target bit. cnnh+: both, as CNNH+ adds class outputs."""
+    loss = torch.zeros((), device=logits.device)
+    if objective != "cnnh":
+        loss = loss + F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    if objective != "latent":
+        loss = loss + F.binary_cross_entropy_with_logits(latent.float(), target_bits)
+    return loss
+
+
 # ---------------------------------------------------------------- optimizer and checkpoints
 def make_optimizer(model: HashingNet, config: TrainConfig) -> torch.optim.SGD:
     """Nesterov SGD; the biases of normalisation layers learn `norm_bias_lr_scale` x faster (same decay/step)."""
@@ -206,12 +226,20 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     out = Path(config.out)
     if dataset is None:
         dataset = load_dataset(config.data, config.format, config.input_size, config.val_split, config.seed)
+    if config.objective not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{config.objective}'")
     if config.resume and not (out / CHECKPOINT).is_file():
         raise UserError(f"--resume: no checkpoint in {out}")
     out.mkdir(parents=True, exist_ok=True)
     input_size = dataset.train.images.shape[-1]
     model = create_model(config.backbone, config.bits, dataset.class_names, input_size,
                          pretrained=config.pretrained, weights=config.weights).to(device)
+    model.config.extra["objective"] = config.objective
+    classes_trained = config.objective != "cnnh"  # pure CNNH leaves the classifier untrained
+    target_bits = None
+    if config.objective != "latent":
+        target_bits = torch.from_numpy(cnnh_target_codes(dataset.train.labels.numpy(), config.bits,
+                                                         seed=config.seed)).float().to(device)
     flip = config.flip and dataset.mirror_invariant
     train_images = dataset.train.images.to(device)
     train_labels = dataset.train.labels.to(device)
@@ -230,7 +258,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     if config.resume:
         state = load_checkpoint(out, model, optimizer, lookahead)
         start_epoch, step, history = state["epoch"], state["step"], state["history"]
-    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not classes_trained) \
+        if world_size > 1 else model
     if rank == 0:
         (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         # From the checkpoint's history: an epoch logged after the last checkpoint is not counted twice.
@@ -254,8 +283,9 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, total_steps)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = trained(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                latent, logits = trained(images, with_latent=True)
+            targets = target_bits[index] if target_bits is not None else None
+            loss = hashing_loss(config.objective, latent, logits, labels, targets, config.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -264,7 +294,10 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
                 _lookahead_update(model, lookahead, 0.95 ** 5 * (step / total_steps) ** 3)
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
-            correct += (logits.argmax(1) == labels).sum().item()
+            if classes_trained:
+                correct += (logits.argmax(1) == labels).sum().item()
+            else:  # the fraction of target bits hit
+                correct += ((latent > 0) == (targets > 0.5)).float().mean(1).sum().item()
             rate = seen * world_size / (time.perf_counter() - epoch_start)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
         if lookahead is not None and step >= total_steps:
@@ -272,7 +305,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         if rank != 0:
             continue
         train_seconds = time.perf_counter() - epoch_start
-        val_acc = evaluate(model, dataset.test, device, bf16) if dataset.test is not None else None
+        has_validation = dataset.test is not None and classes_trained
+        val_acc = evaluate(model, dataset.test, device, bf16) if has_validation else None
         record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(1, seen),
                       train_acc=correct / max(1, seen), val_acc=val_acc, epoch_seconds=round(train_seconds, 2),
                       images_per_second=round(seen * world_size / train_seconds, 1),
@@ -280,13 +314,15 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         history.append(record)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        val_text = f"val acc {val_acc:.4f}" if val_acc is not None else "no validation set"
-        tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, train acc "
-                   f"{record['train_acc']:.4f}, {val_text}, {record['images_per_second']:.0f} img/s")
+        val_text = f"val acc {val_acc:.4f}" if val_acc is not None else \
+            "no validation set" if classes_trained else "no class outputs (cnnh)"
+        tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, train "
+                   f"{'acc' if classes_trained else 'target-bit acc'} {record['train_acc']:.4f}, {val_text}, "
+                   f"{record['images_per_second']:.0f} img/s")
         save_checkpoint(out, model, optimizer, lookahead, epoch + 1, step, history)
     summary = dict(epochs=epochs, seconds=round(time.perf_counter() - started, 1), history=history)
     if rank == 0:
-        if dataset.test is not None:
+        if dataset.test is not None and classes_trained:
             summary["val_acc"] = history[-1]["val_acc"] if history else None
             if config.tta:
                 summary["val_acc_tta"] = evaluate(model, dataset.test, device, bf16, tta=dataset.mirror_invariant)
@@ -336,6 +372,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
                         help="0 = the paper's plain cross-entropy (default)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
+                        help="latent = the paper's cross-entropy (default); cnnh/cnnh+ = the CNNH baselines")
     parser.add_argument("--translate", type=int, default=defaults.translate, help="max random shift, pixels")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips")
     parser.add_argument("--no-lookahead", dest="lookahead", action="store_false")

@@ -122,11 +122,13 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
     labels = (data.test.labels.numpy(), data.train.labels.numpy())
     hashers = [m for m in args.methods if m in HASHERS]
     gist_vectors = gist_features(args, data) if hashers and "gist" in args.features else None
+    networks = [m for m in NETWORKS if m in args.methods]
+    if hashers and "backbone" in args.features and "latent" not in networks:
+        networks.insert(0, "latent")  # its backbone features are what the code makers hash
     rows = []
     for bits in args.bits:
         backbone_vectors = None
-        for objective in [m for m in NETWORKS if m in args.methods or (m == "latent" and "backbone" in args.features
-                                                                        and hashers)]:
+        for objective in networks:
             model_dir, train_seconds = network(args, data, objective, bits)
             model = load_model(model_dir)
             start = time.perf_counter()

@@ -113,7 +113,7 @@ def score(args: argparse.Namespace, labels: tuple[np.ndarray, np.ndarray], metho
     print(f"{method} ({features}), {bits} bits: mAP@{args.top_k} {hamming_map:.4f} (Hamming), "
           f"{two_stage_map:.4f} (two-stage); metric {metric_seconds:.1f}s", flush=True)
     return dict(method=method, features=features, bits=bits, map=hamming_map, two_stage_map=two_stage_map,
-                precision=precision.tolist(), two_stage_precision=two_stage_precision.tolist(),
+                precision=precision.round(5).tolist(), two_stage_precision=two_stage_precision.round(5).tolist(),
                 metric_seconds=metric_seconds, **extra)
 
 
@@ -187,12 +187,14 @@ def plot(rows: list[dict], file: Path, dataset: str) -> None:
     import matplotlib.pyplot as plt
     bits = sorted({r["bits"] for r in rows})
     figure, axes = plt.subplots(1, len(bits), figsize=(5 * len(bits), 4), squeeze=False, sharey=True)
+    colours = {method: f"C{i}" for i, method in enumerate(METHODS)}  # one colour per method, dotted = GIST
     for axis, b in zip(axes[0], bits):
         for r in (r for r in rows if r["bits"] == b):
             k = np.arange(1, len(r["precision"]) + 1)
-            axis.plot(k, r["precision"], label=f"{r['method']} ({r['features']})")
+            axis.plot(k, r["precision"], color=colours[r["method"]], linestyle=":" if r["features"] == "gist" else "-",
+                      label=f"{r['method']} ({r['features']})")
             if r["method"] == "latent":
-                axis.plot(k, r["two_stage_precision"], linestyle="--", label="latent, two-stage")
+                axis.plot(k, r["two_stage_precision"], color="black", linestyle="--", label="latent, two-stage")
         axis.set(xlabel="number of top-ranked images k", title=f"{dataset}, {b} bits: precision at k")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("precision@k")

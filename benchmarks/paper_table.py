@@ -89,7 +89,7 @@ def network(args: argparse.Namespace, data: Dataset, objective: str, bits: int) 
 
 
 def gist_features(args: argparse.Namespace, data: Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """GIST of the test and training images, cached in --out (plain .npy, no pickle)."""
+    """GIST of the test and training images, cached in --out (.npz of plain arrays, read without pickle)."""
     cached = args.out / f"gist_{args.dataset}.npz"
     if cached.is_file():
         with np.load(cached, allow_pickle=False) as stored:

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.encode import Encoder, encode_files, pick_device
+from engine.encode import Encoder, encode_files
 from engine.errors import run_cli
 from shards import Catalog
 from training.errors import UserError
 from training.hashers import HASHERS, SUPERVISED, fit_hasher, load_hasher, save_hasher
 from training.images import list_images
-from training.model import load_model
+from training.model import load_model, pick_device
 
 ENGINE_FILE = "engine.json"  # which model (and code maker) a catalog's codes came from, for queries
 CODE_MAKER_FILE = "code-maker.safetensors"

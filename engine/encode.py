@@ -85,12 +85,6 @@ class Encoder:
         return (self.hasher.encode(features) if self.hasher is not None else codes), features
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def default_workers() -> int:
     """Decoding processes beside the encoder. On 2 cores none: decoding in one thread of this process is
     fastest (measured: 704 img/s decoding inline against 535 with 2 worker processes fighting the model's

@@ -196,14 +196,15 @@ def fit_ksh(features: np.ndarray, labels: np.ndarray | None, bits: int, rng: np.
     """
     _require_labels("ksh", labels)
     picked = rng.choice(len(features), size=min(samples, len(features)), replace=False)
-    x, y = features[picked].astype(np.float64), labels[picked]
+    x, y = features[picked], labels[picked]
     anchor_points = features[rng.choice(len(features), size=min(anchors, len(features)), replace=False)]
     sigma = _mean_distance(x, anchor_points)  # the RBF bandwidth: the mean sample-to-anchor distance
     kernel = rbf_kernel(x.astype(np.float32), anchor_points.astype(np.float32), sigma).astype(np.float64)
     kernel_mean = kernel.mean(0)
     kernel = kernel - kernel_mean
     residual = bits * label_similarity(y)
-    gram = kernel.T @ kernel + 1e-6 * np.trace(kernel.T @ kernel) / kernel.shape[1] * np.eye(kernel.shape[1])
+    gram = kernel.T @ kernel
+    gram += 1e-6 * np.trace(gram) / len(gram) * np.eye(len(gram))
     lower_inv = np.linalg.inv(np.linalg.cholesky(gram))
     projection = np.empty((kernel.shape[1], bits))
     for bit in range(bits):

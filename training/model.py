@@ -46,6 +46,17 @@ class ModelConfig:
         return (self.bits + 7) // 8
 
 
+def pick_device(name: str) -> torch.device:
+    """auto = CUDA when there is a GPU, else CPU; asking for CUDA without one is the user's error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but no CUDA GPU is available")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not '{name}'")
+    return torch.device(name)
+
+
 def check_backbone_name(name: str) -> None:
     """Fail with close suggestions for a name timm does not know."""
     known = timm.list_models()

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from training.cnnh import cnnh_target_codes
 from training.data import FORMATS, Dataset, LabeledImages, load_dataset
 from training.errors import UserError, run_cli
-from training.model import HashingNet, atomic_write, create_model, save_model
+from training.model import HashingNet, atomic_write, create_model, pick_device, save_model
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -63,16 +63,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- devices and distributed runs
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not '{name}'")
-    return torch.device(name)
-
-
 def use_bf16(amp: str, device: torch.device, model: nn.Module) -> bool:
     """bf16 autocast pays on GPUs, and on CPUs with AVX-512 (bf16 units) for dense convnets only.
 

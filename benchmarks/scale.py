@@ -3,7 +3,8 @@
   python benchmarks/scale.py --items 1000000 --bits 48 64 --shards 2 8
 
 Builds each catalog, then measures search in fresh subprocesses (1 and 2 threads, with and without torch
-imported) side by side with a bare Faiss IndexBinaryFlat over the same codes.
+imported) side by side with a bare Faiss IndexBinaryFlat over the same codes. Single two-stage queries are
+300 different queries, each run once (median and 90th percentile), after a first search that is timed apart.
 """
 from __future__ import annotations
 
@@ -77,8 +78,18 @@ def search_phase(path: Path, threads: int, import_torch: bool, queries: int) -> 
     query_features = query_features.astype(np.float32)
     one, one_f = query_codes[:1], query_features[:1]
     result = dict(open_s=open_s, items=len(catalog))
+    begin = time.perf_counter()
+    catalog.search(one, one_f, k=10, pool=1000)
+    result["first_search_ms"] = 1000 * (time.perf_counter() - begin)  # builds the feature locator
+    # Every single query a different one, run once: each touches features no earlier query read.
+    singles = []
+    for q in range(1, min(queries, 301)):
+        begin = time.perf_counter()
+        catalog.search(query_codes[q:q + 1], query_features[q:q + 1], k=10, pool=1000)
+        singles.append(time.perf_counter() - begin)
+    result["two_stage_1q_ms"] = 1000 * statistics.median(singles)
+    result["two_stage_1q_p90_ms"] = 1000 * float(np.percentile(singles, 90))
     result["coarse_batch_ms_per_q"] = 1000 * timed(lambda: catalog.coarse(query_codes, m=1000), 1, 1) / queries
-    result["two_stage_1q_ms"] = 1000 * timed(lambda: catalog.search(one, one_f, k=10, pool=1000))
     result["two_stage_batch_ms_per_q"] = 1000 * timed(
         lambda: catalog.search(query_codes, query_features, k=10, pool=1000), 1, 0) / queries
     if catalog.manifest.index_type == "flat":
@@ -154,14 +165,16 @@ def main() -> None:
                 shutil.rmtree(hashed)
             shutil.rmtree(path)
     print("\n| bits | shards | threads | torch | add items/s | open s | disk MiB | RSS MiB | coarse 1q ms | bare Faiss "
-          "1q ms | ratio 1q | coarse batch ms/q | bare batch ms/q | two-stage 1q ms | two-stage batch ms/q |")
-    print("|" + "---|" * 15)
+          "1q ms | ratio 1q | coarse batch ms/q | bare batch ms/q | first search ms | two-stage 1q ms (p90) | "
+          "two-stage batch ms/q |")
+    print("|" + "---|" * 16)
     for r in rows:
         print(f"| {r['bits']} | {r['shards']} | {r['threads']} | {'yes' if r['torch'] else 'no'} | "
               f"{r['add_items_per_s']:,.0f} | {r['open_s']:.3f} | {r['disk_mib']:,.0f} | {r['peak_rss_mib']:,.0f} | "
               f"{r['coarse_1q_ms']:.2f} | {r['bare_faiss_1q_ms']:.2f} | {r['coarse_vs_bare']:.2f} | "
               f"{r['coarse_batch_ms_per_q']:.3f} | {r['bare_faiss_batch_ms_per_q']:.3f} | "
-              f"{r['two_stage_1q_ms']:.2f} | {r['two_stage_batch_ms_per_q']:.2f} |")
+              f"{r['first_search_ms']:.0f} | {r['two_stage_1q_ms']:.2f} ({r['two_stage_1q_p90_ms']:.2f}) | "
+              f"{r['two_stage_batch_ms_per_q']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -38,12 +38,13 @@ class CodeIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def search_knn(self, padded_queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, ids) of the m nearest codes per query, sorted by (distance, id); id -1 pads."""
+    def search_knn(self, padded_queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(distances, ids, positions in this index) of the m nearest codes per query, sorted by (distance, id);
+        id and position -1 pad."""
         k = min(m, len(self.ids))
         if k == 0:
             empty = np.empty((len(padded_queries), 0))
-            return empty.astype(np.int32), empty.astype(np.int64)
+            return empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.int64)
         if not self.is_flat:
             self.index.nflip = min(KNN_HASH_FLIPS, self.index.b)
         distances, positions = self.index.search(padded_queries, k)
@@ -53,7 +54,8 @@ class CodeIndex:
             order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, ids),
                                 np.where(missing, np.iinfo(np.int32).max, distances)), axis=-1)
             distances, ids = np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
-        return distances.astype(np.int32), ids
+            positions = np.take_along_axis(positions, order, 1)
+        return distances.astype(np.int32), ids, positions
 
     def search_radius(self, padded_queries: np.ndarray, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per query, every item within Hamming distance `radius` (inclusive), unsorted."""

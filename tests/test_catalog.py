@@ -219,6 +219,49 @@ def test_missing_or_corrupted_manifest(tmp_path, rng):
                                                                "format": "latenthash-catalog"}))
     with pytest.raises(CatalogError, match="newer"):
         Catalog.open(tmp_path / "c")
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps({"bits": 16, "feature_dim": 8, "format_version": 1,
+                                                               "format": "latenthash-catalog"}))
+    with pytest.raises(CatalogError, match="older latenthash; rebuild"):
+        Catalog.open(tmp_path / "c")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_features_across_feature_blocks(tmp_path, rng, dtype):
+    """Rows land in 7-item blocks: batches that start and end mid-block, deletes leaving holes, a rebuilt index,
+    the writer's and a reader's read paths, and the two-stage search on top of them."""
+    ids, codes, features = random_items(rng, 400, 48)
+    stored = features.astype(dtype).astype(np.float32)
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shards=2, feature_dtype=dtype, block_items=7) as catalog:
+        for a, b in [(0, 1), (1, 6), (6, 19), (19, 40), (40, 300)]:
+            catalog.add(ids[a:b], codes[a:b], features[a:b])
+        gone = ids[5:200:4]
+        catalog.delete(gone)
+        catalog.add(ids[300:], codes[300:], features[300:])
+        keep = ~np.isin(ids, gone)
+        assert np.array_equal(catalog.features(ids[keep]), stored[keep])
+        with pytest.raises(CatalogError, match="not in the catalog"):
+            catalog.features(gone[:2])
+    with Catalog.open(tmp_path / "c") as reader:
+        assert reader.manifest.block_items == 7
+        assert np.array_equal(reader.features(ids[keep][::-1]), stored[keep][::-1])
+        assert {item.id: item.features.tolist() for item in reader} == {
+            int(i): f.tolist() for i, f in zip(ids[keep], stored[keep])}
+        queries = rng.standard_normal((4, FEATURE_DIM)).astype(np.float32)
+        for qc, qf, hits in zip(codes[:4], queries, reader.search(codes[:4], queries, k=5, pool=60)):
+            pool = np.isin(ids, brute_force_knn(qc, ids[keep], codes[keep], 60)[0])
+            squared = ((stored[pool] - qf) ** 2).sum(1)
+            assert np.array_equal(hits.ids, ids[pool][np.lexsort((ids[pool], squared))][:5])
+    shard = Catalog.open(tmp_path / "c", readonly=False)
+    with shard.shards[0].env.begin(write=True) as txn:
+        txn.delete(b"index_generation", db=shard.shards[0]._info)  # force a rebuild from the items
+        block = txn.get((0).to_bytes(8, "big"), db=shard.shards[0]._blocks)
+        txn.put((0).to_bytes(8, "big"), block[:len(block) // 2], db=shard.shards[0]._blocks)  # damage block 0
+    shard.shards[0].flush = lambda: None
+    shard.close()
+    with Catalog.open(tmp_path / "c") as reader:
+        assert not reader.shards[0].index_loaded_from_disk and len(reader) == keep.sum()
+        with pytest.raises(CatalogError, match="feature blocks are damaged"):
+            reader.features([int(i) for i in ids[keep] if i % 2 == 0])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage_header", "delete"])

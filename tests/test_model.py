@@ -71,6 +71,18 @@ def test_local_weights_file_loads_into_backbone(tmp_path):
         assert torch.equal(model.backbone.state_dict()[key], value)
 
 
+def test_a_latenthash_model_gives_its_backbone_to_another_bit_length(tmp_path):
+    trained = create_model("cifar_convnet_small", 48, ["a", "b", "c"])
+    with torch.no_grad():
+        for value in trained.backbone.parameters():
+            value.add_(0.5)
+    save_model(trained, tmp_path / "m48")
+    model = create_model("cifar_convnet_small", 12, ["a", "b"], weights=tmp_path / "m48")
+    for key, value in trained.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+    assert model.latent.weight.shape == (12, trained.latent.weight.shape[1])
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(backbone="resnet81"), "did you mean"),
     (dict(bits=0), "at least 1"),

@@ -54,8 +54,10 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, image_folder, cli_env):
     assert momentum and all(v.abs().sum() > 0 for v in momentum.values())
     result = _run(args + ["--out", str(part), "--resume"], cli_env)
     assert result.returncode == 0, result.stderr
-    history = [json.loads(line)["epoch"] for line in (part / "metrics.jsonl").read_text().splitlines()]
-    assert history == [1, 2, 3, 4, 5, 6]
+    records = [json.loads(line) for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
+    elapsed = [r["elapsed_seconds"] for r in records]
+    assert elapsed == sorted(elapsed), "a resumed run's elapsed time carries on from the checkpoint"
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key

@@ -137,8 +137,11 @@ def create_model(
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local .safetensors or .pth/.pt state dict into the backbone, ignoring its classifier head."""
+    """Load a local .safetensors or .pth/.pt state dict into the backbone, ignoring its classifier head. A
+    latenthash model (its directory or model.safetensors) gives its backbone: train other bit lengths on it."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -153,7 +156,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     if not isinstance(state, dict):
         raise UserError(f"--weights file {path} holds no state dict")
     own = backbone.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    prefix = "backbone."  # a HashingNet's keys
+    inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    usable = max(({k: v for k, v in candidate.items() if k in own and own[k].shape == v.shape}
+                  for candidate in (state, inner)), key=len)
     if not usable:
         raise UserError(f"--weights file {path} has no tensor matching backbone {type(backbone).__name__}")
     backbone.load_state_dict(usable, strict=False)

@@ -233,7 +233,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     flip = config.flip and dataset.mirror_invariant
     train_images = dataset.train.images.to(device)
     train_labels = dataset.train.labels.to(device)
-    if hasattr(model.backbone, "init_whitening") and not config.resume:
+    if hasattr(model.backbone, "init_whitening") and not config.resume and config.weights is None:
         model.backbone.init_whitening(model.normalize(train_images[:5000]))
     model = model.to(memory_format=torch.channels_last)
     bf16 = use_bf16(config.amp, device, model)
@@ -256,7 +256,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     model.train()
-    started = time.perf_counter()
+    started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)  # a resumed run counts on
     for epoch in range(start_epoch, epochs):
         generator.manual_seed(config.seed * 1000 + epoch)  # per-epoch seed: a resumed run sees the same batches
         order = torch.randperm(len(dataset.train), generator=generator, device=device)
@@ -371,7 +371,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--amp", default=defaults.amp, choices=("auto", "on", "off"), help="bf16 autocast")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's hub weights (needs internet)")
-    parser.add_argument("--weights", help="local .safetensors/.pth file to load into the backbone")
+    parser.add_argument("--weights", help="local .safetensors/.pth file to load into the backbone, or a latenthash "
+                        "model directory (its backbone)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--val-split", type=float, default=defaults.val_split,

@@ -37,13 +37,13 @@ def synthetic_chunk(start: int, n: int, bits: int, dim: int, seed: int = 0):
     return np.arange(start, start + n, dtype=np.int64), np.packbits(code_bits, axis=1), features.astype(np.float16)
 
 
-def build(path: Path, items: int, bits: int, dim: int, shards: int, index: str) -> dict:
+def build(path: Path, items: int, bits: int, dim: int, shards: int, index: str, metadata: bool = True) -> dict:
     from shards import Catalog
     add_seconds = 0.0
     with Catalog.create(path, bits, dim, shards=shards, index=index) as catalog:
         for start in range(0, items, CHUNK):
             ids, codes, features = synthetic_chunk(start, min(CHUNK, items - start), bits, dim)
-            metas = [{"path": f"/catalog/img{i:08d}.jpg", "label": int(i % 15)} for i in ids]
+            metas = [{"path": f"/catalog/img{i:08d}.jpg", "label": int(i % 15)} for i in ids] if metadata else None
             begin = time.perf_counter()
             catalog.add(ids, codes, features, metas)
             add_seconds += time.perf_counter() - begin
@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--workdir", default=None, help="where catalogs are built (default: a temp dir)")
     parser.add_argument("--hash", action="store_true", help="also build an IndexBinaryHash catalog for recall")
+    parser.add_argument("--codes-only-items", type=int, default=0, metavar="N",
+                        help="also a catalog of N 64-bit codes with 1-d features and no metadata (e.g. 10000000)")
     parser.add_argument("--search-only", metavar="CATALOG", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--import-torch", action="store_true", help=argparse.SUPPRESS)
@@ -164,6 +166,15 @@ def main() -> None:
                 print(json.dumps(dict(bits=bits, shards=shards, **hash_recall(path, hashed))), flush=True)
                 shutil.rmtree(hashed)
             shutil.rmtree(path)
+    if args.codes_only_items:
+        path = workdir / "codes-only"
+        shutil.rmtree(path, ignore_errors=True)
+        built = build(path, args.codes_only_items, 64, 1, 8, "flat", metadata=False)
+        command = [sys.executable, __file__, "--search-only", str(path), "--queries", "100"]
+        measured = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+        rows.append(dict(bits=64, shards=8, threads=1, torch=False, **built, **measured))
+        print(json.dumps(rows[-1]), flush=True)
+        shutil.rmtree(path)
     print("\n| bits | shards | threads | torch | add items/s | open s | disk MiB | RSS MiB | coarse 1q ms | bare Faiss "
           "1q ms | ratio 1q | coarse batch ms/q | bare batch ms/q | first search ms | two-stage 1q ms (p90) | "
           "two-stage batch ms/q |")

@@ -338,6 +338,7 @@ EXAMPLES = """examples:
   python -m training.train --data photos/ --out models/photos --backbone resnet18 --input-size 64 --epochs 20
   python -m training.train --data photos/ --out models/photos --backbone resnet50 --pretrained --input-size 224
   python -m training.train --data ../shared/data/mnist --out models/mnist --bits 12 --resume
+  python -m training.train --data DIR --out models/cifar12 --bits 12 --weights models/cifar48 --epochs 3 --lr 0.5
   torchrun --nproc-per-node 4 -m training.train --data DIR --out MODEL_DIR --device cuda
 """
 

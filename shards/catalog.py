@@ -20,7 +20,7 @@ import numpy as np
 
 from shards.codes import pad_codes
 from shards.errors import CatalogError, DuplicateIdError
-from shards.index import CodeIndex, make_faiss_index
+from shards.index import CodeIndex, find_sorted, make_faiss_index
 from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, INDEX_TYPES, Shard, ShardLayout, gather_rows
 
 MANIFEST = "manifest.json"
@@ -363,8 +363,7 @@ class Catalog:
             known, addresses = self._feature_locator()
             if positions is None or len(ids) and (positions.max() >= len(known)
                                                   or not np.array_equal(known[positions], ids)):
-                positions = np.minimum(np.searchsorted(known, ids), max(len(known) - 1, 0))
-                missing = known[positions] != ids if len(known) else np.ones(len(ids), bool)
+                positions, missing = find_sorted(known, ids)
                 if missing.any():
                     raise CatalogError(f"{self.path}: ids not in the catalog: {ids[missing][:10].tolist()}")
             return gather_rows(addresses[positions], width)

@@ -22,18 +22,20 @@ def make_faiss_index(index_type: str, bits: int, hash_bits: int, padded: np.ndar
     return index
 
 
+def find_sorted(known: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of `ids` in the ascending array `known`, and a mask of the ids it does not hold."""
+    if len(known) == 0:
+        return np.zeros(len(ids), np.int64), np.ones(len(ids), bool)
+    positions = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+    return positions, known[positions] != ids
+
+
 class CodeIndex:
     def __init__(self, ids: np.ndarray, codes: np.ndarray, index: faiss.IndexBinary):
         self.ids, self.codes, self.index = ids, codes, index
         self.is_flat = isinstance(index, faiss.IndexBinaryFlat)
         if self.is_flat:  # a runtime setting, not serialized: set it on built and deserialized indices alike
             index.use_heap = False  # counting selection: faster here, and keeps ties in scan (= id) order
-
-    @classmethod
-    def build(cls, ids: np.ndarray, padded: np.ndarray, index_type: str, bits: int, hash_bits: int) -> "CodeIndex":
-        order = np.argsort(ids, kind="stable")
-        ids, padded = ids[order], np.ascontiguousarray(padded[order])
-        return cls(ids, padded, make_faiss_index(index_type, bits, hash_bits, padded))
 
     def __len__(self) -> int:
         return len(self.ids)

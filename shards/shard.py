@@ -23,7 +23,7 @@ import numpy as np
 
 from shards.codes import code_bytes, pad_codes, padded_bytes
 from shards.errors import CatalogError, DuplicateIdError
-from shards.index import CodeIndex
+from shards.index import CodeIndex, find_sorted, make_faiss_index
 
 INITIAL_MAP_SIZE = 64 << 30  # address space only: the file grows as pages are used
 BLOCK_BYTES = 256 << 10  # a feature block's default size: few blocks to locate, cheap to rewrite the last
@@ -197,9 +197,10 @@ class Shard:
 
     def _set_index(self, ids: np.ndarray, padded: np.ndarray, slots: np.ndarray) -> None:
         layout = self.layout
-        order = np.argsort(ids, kind="stable")
-        self.code_index = CodeIndex.build(ids[order], padded[order], layout.index_type, layout.bits,
-                                          layout.hash_bits)
+        order = np.argsort(ids, kind="stable")  # id order: ties come out broken by id (see shards.index)
+        padded = np.ascontiguousarray(padded[order])
+        self.code_index = CodeIndex(ids[order], padded,
+                                    make_faiss_index(layout.index_type, layout.bits, layout.hash_bits, padded))
         self.slots = slots[order]
 
     def _locate_blocks(self, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:
@@ -282,12 +283,13 @@ class Shard:
         block, offset = divmod(first_slot, per_block)
         start = 0
         if offset:
-            head = txn.get(id_keys([block])[0], db=self._blocks) or b""
+            key = id_keys([block])[0]
+            head = txn.get(key, db=self._blocks) or b""
             if len(head) != offset * width:
                 raise CatalogError(f"{self.data_file}: feature block {block} is damaged "
                                    f"({len(head)} bytes, expected {offset * width})")
             start = min(per_block - offset, len(features)) * width
-            txn.put(id_keys([block])[0], head + raw[:start].tobytes(), db=self._blocks)
+            txn.put(key, head + raw[:start].tobytes(), db=self._blocks)
             block += 1
         chunks = range(start, len(raw), per_block * width)
         txn.cursor(db=self._blocks).putmulti(
@@ -354,9 +356,7 @@ class Shard:
         """(n, feature_bytes) uint8 stored features of `ids`, which must all be present; raises KeyError if not.
         Reads only these rows: slot -> block address + offset, one vectorised gather."""
         self.sync_index()
-        known = self.code_index.ids
-        positions = np.minimum(np.searchsorted(known, ids), max(len(known) - 1, 0))
-        missing = known[positions] != ids if len(known) else np.ones(len(ids), bool)
+        positions, missing = find_sorted(self.code_index.ids, ids)
         if missing.any():
             raise KeyError([int(i) for i in ids[missing]])
         slots = self.slots[positions]

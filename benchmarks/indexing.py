@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("--images", nargs="*", default=[], help="image directories to index")
     parser.add_argument("--cifar-test", help="CIFAR-10 python batches dir: also index its test set as PNGs")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: by core count)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoding processes (default: build-index's, by job size and cores)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating build / pre-decoded rounds")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latenthash-indexing-"))
@@ -79,11 +80,11 @@ def main() -> None:
     if args.cifar_test:
         directories.append(write_cifar_test_pngs(Path(args.cifar_test), work / "cifar10-test-png"))
     model = load_model(args.model)
-    workers = default_workers() if args.workers is None else args.workers
     print(f"machine: {machine()}; model {args.model} ({model.config.backbone}, {model.config.bits} bits, "
-          f"{model.config.input_size}px); batch {args.batch_size}, {workers} decoding worker processes\n")
-    print("| images | files | first build img/s | build-index img/s (median) | pre-decoded img/s (median) | ratio |")
-    print("|---|---|---|---|---|---|")
+          f"{model.config.input_size}px); batch {args.batch_size}\n")
+    print("| images | files | worker processes | first build img/s | build-index img/s (median) | "
+          "pre-decoded img/s (median) | ratio |")
+    print("|---|---|---|---|---|---|---|")
     catalogs = []
     for directory in directories:
         files = list_images(directory)
@@ -101,7 +102,8 @@ def main() -> None:
             builds.append(build())
             baselines.append(predecoded_rate(model, tensors, args.batch_size))
         built, baseline = statistics.median(builds), statistics.median(baselines)
-        print(f"| {directory.name} | {len(files)} | {first:.0f} | {built:.0f} | {baseline:.0f} | "
+        workers = default_workers(len(files)) if args.workers is None else args.workers
+        print(f"| {directory.name} | {len(files)} | {workers} | {first:.0f} | {built:.0f} | {baseline:.0f} | "
               f"{built / baseline:.2f} |", flush=True)
         catalogs.append((catalog, files))
     catalog, _ = catalogs[-1]

@@ -73,12 +73,26 @@ def find_model(models: Path | None, objective: str, bits: int) -> Path | None:
     return None
 
 
+def recorded_training_seconds(model_dir: Path) -> float | None:
+    """A saved model's training time, plus its backbone's when it was trained on another model's (--weights DIR):
+    the cost of the whole network from scratch."""
+    summary = model_dir / "summary.json"
+    if not summary.is_file():
+        return None
+    seconds = json.loads(summary.read_text()).get("seconds")
+    config = model_dir / "train_config.json"
+    weights = json.loads(config.read_text()).get("weights") if config.is_file() else None
+    if seconds is not None and weights and Path(weights).is_dir():
+        backbone_seconds = recorded_training_seconds(Path(weights))
+        seconds = None if backbone_seconds is None else seconds + backbone_seconds
+    return seconds
+
+
 def network(args: argparse.Namespace, data: Dataset, objective: str, bits: int) -> tuple[Path, float | None]:
     """A trained network for (objective, bits): found in --models, or trained now; and its training seconds."""
     found = find_model(args.models, objective, bits)
     if found is not None:
-        summary = found / "summary.json"
-        return found, json.loads(summary.read_text()).get("seconds") if summary.is_file() else None
+        return found, recorded_training_seconds(found)
     out = args.out / "models" / model_subdir(objective, bits)
     epochs = args.epochs if objective == "latent" else (args.cnnh_epochs or args.epochs)
     start = time.perf_counter()

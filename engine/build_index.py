@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Faiss index of a new catalog: exact flat scan (default) or IndexBinaryHash")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding worker processes (default: 0 on 2 cores, else half the cores)")
+                        help="worker processes; on a CPU each decodes and encodes whole batches on one thread, "
+                        "beside a GPU they decode; 0 = one prefetch thread (default: 0 under 512 images, else "
+                        "one per core on a CPU, half the cores beside a GPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--prune", action="store_true", help="remove items whose image files are gone")
     parser.add_argument("--codes", choices=CODES, default=None,

@@ -39,7 +39,7 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
                                 epochs=epochs, batch_size=128, val_split=0.1, seed=seed, tta=False))
 
     print("3/4 build-index")
-    build = build_index(images, out / "model", out / "catalog", shards=2, batch_size=256, workers=2)
+    build = build_index(images, out / "model", out / "catalog", shards=2, batch_size=256)
     print(f"    indexed {build.indexed} images at {build.images_per_second:.0f} img/s")
 
     print("4/4 querying with held-out images")

@@ -1,4 +1,12 @@
-"""Batch encoding of image files: decoding (worker processes or a thread) overlaps with the model's encoding."""
+"""Batch encoding of image files, with decoding kept off the model's critical path.
+
+Three pipelines, picked by device and job size:
+- CPU, large jobs: worker processes that each decode *and* encode whole batches on one thread (data parallel).
+  On a CPU the model and Pillow compete for the same cores; one thread per process never waits at another
+  thread's barrier, so this beats the model's own multi-threading on pre-decoded tensors (benchmarks/RESULTS.md).
+- CUDA: worker processes decode, the GPU encodes in this process.
+- Small jobs (or `workers=0`): one prefetch thread decodes the next batch while this process encodes.
+"""
 from __future__ import annotations
 
 import os
@@ -40,9 +48,19 @@ class _Files(Dataset):
             return position, None, f"{type(error).__name__}: {error}"
 
 
-def _collate(items: list) -> list:
-    """Keep a batch as a list: failed images (None) cannot be stacked."""
-    return items
+@dataclass
+class DecodedBatch:
+    positions: list[int]  # of the images that decoded
+    images: torch.Tensor | None  # (len(positions), 3, S, S) uint8; None when none decoded
+    failures: list[tuple[int, str]]
+
+
+def _stack(items: list) -> DecodedBatch:
+    """One tensor per batch: a worker process then hands over one shared-memory block, not one per image."""
+    good = [(position, image) for position, image, _ in items if image is not None]
+    return DecodedBatch([position for position, _ in good],
+                        torch.stack([image for _, image in good]) if good else None,
+                        [(position, error) for position, image, error in items if image is None])
 
 
 @dataclass
@@ -80,50 +98,80 @@ class Encoder:
             return self.model.fingerprint
         return f"{self.model.fingerprint}+{self.hasher.method}:{self.hasher.fingerprint}"
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.mean.device
+
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         codes, features = self.model.encode(images)
         return (self.hasher.encode(features) if self.hasher is not None else codes), features
 
 
-def default_workers() -> int:
-    """Decoding processes beside the encoder. On 2 cores none: decoding in one thread of this process is
-    fastest (measured: 704 img/s decoding inline against 535 with 2 worker processes fighting the model's
-    threads for the cores; see benchmarks/RESULTS.md)."""
+PROCESS_MIN_IMAGES = 512  # fewer images: worker processes' start-up (~0.15 s) costs more than they save
+
+
+def default_workers(images: int, device: torch.device = torch.device("cpu")) -> int:
+    """Worker processes for a job of `images` files: none for small jobs; on a CPU one per core (each encodes
+    on one thread), beside a GPU half the cores (they only decode), at least 2."""
+    if images < PROCESS_MIN_IMAGES:
+        return 0
     cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else min(8, cores // 2)
+    return min(16, max(2, cores)) if device.type == "cpu" else min(8, max(2, cores // 2))
 
 
-def _decoded_batches(files: _Files, batch_size: int, workers: int) -> Iterator[list]:
-    """Batches of (position, image or None, error or None): from DataLoader worker processes, or with no
-    workers from one thread that decodes the next batch while the model encodes this one (Pillow and torch
-    both release the GIL)."""
-    if workers:
-        yield from DataLoader(files, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                              prefetch_factor=4)
-        return
+def _encode_batch(encoder: Encoder, batch: DecodedBatch) -> EncodedBatch:
+    if batch.images is not None:
+        codes, features = encoder.encode(batch.images)
+    else:
+        codes = np.empty((0, encoder.code_bytes), np.uint8)
+        features = np.empty((0, encoder.feature_dim), np.float32)
+    return EncodedBatch(batch.positions, codes, features, batch.failures)
 
-    def decode(start: int) -> list:
-        return [files[i] for i in range(start, min(start + batch_size, len(files)))]
+
+class _EncodedBatches(Dataset):
+    """Item i = batch i of the files, decoded and encoded inside a DataLoader worker (torch gives each worker
+    one thread; the forked worker shares the model's weights with this process)."""
+
+    def __init__(self, encoder: Encoder, files: _Files, batch_size: int):
+        self.encoder, self.files, self.batch_size = encoder, files, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def __getitem__(self, index: int) -> EncodedBatch:
+        start = index * self.batch_size
+        decoded = _stack([self.files[i] for i in range(start, min(start + self.batch_size, len(self.files)))])
+        with torch.inference_mode():
+            return _encode_batch(self.encoder, decoded)
+
+
+def _prefetched(files: _Files, batch_size: int) -> Iterator[DecodedBatch]:
+    """Decoded batches from one thread that decodes the next batch while the caller encodes this one (Pillow
+    and torch both release the GIL)."""
+    def decode(start: int) -> DecodedBatch:
+        return _stack([files[i] for i in range(start, min(start + batch_size, len(files)))])
 
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(decode, 0)
         for start in range(0, len(files), batch_size):
-            items = pending.result()
+            batch = pending.result()
             if start + batch_size < len(files):
                 pending = pool.submit(decode, start + batch_size)
-            yield items
+            yield batch
 
 
 def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
                  workers: int | None = None) -> Iterator[EncodedBatch]:
     """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
-    workers = default_workers() if workers is None else workers
-    for items in _decoded_batches(_Files(files, encoder.input_size), batch_size, workers):
-        good = [(position, image) for position, image, _ in items if image is not None]
-        failures = [(position, error) for position, image, error in items if image is None]
-        if good:
-            codes, features = encoder.encode(torch.stack([image for _, image in good]))
-        else:
-            codes = np.empty((0, encoder.code_bytes), np.uint8)
-            features = np.empty((0, encoder.feature_dim), np.float32)
-        yield EncodedBatch([position for position, _ in good], codes, features, failures)
+    workers = default_workers(len(files), encoder.device) if workers is None else workers
+    decoder = _Files(files, encoder.input_size)
+    if workers and encoder.device.type == "cpu":
+        yield from DataLoader(_EncodedBatches(encoder, decoder, batch_size), batch_size=None, num_workers=workers,
+                              prefetch_factor=2)
+    elif workers:
+        for batch in DataLoader(decoder, batch_size=batch_size, num_workers=workers, collate_fn=_stack,
+                                prefetch_factor=4):
+            yield _encode_batch(encoder, batch)
+    else:
+        for batch in _prefetched(decoder, batch_size):
+            yield _encode_batch(encoder, batch)

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.encode import Encoder, encode_files
 from engine.export import export_catalog, import_hdf5
 from engine.search import Searcher
 from engine.synthetic import make_image_folder
 from shards import Catalog
+from training.images import list_images
+from training.model import load_model
 
 
 def cli(module, args, env, timeout=600):
@@ -111,6 +114,29 @@ def test_bad_files_are_reported_and_skipped(trained_model, tmp_path, cli_env):
     report = json.loads((catalog / "build-report.json").read_text())
     assert sorted(os.path.basename(f["path"]) for f in report["failures"]) == ["bomb.png", "cut.png", "empty.png",
                                                                                "notes.jpg"]
+
+
+def test_encoding_pipelines_agree(image_folder, trained_model, tmp_path):
+    """Worker processes that decode and encode (CPU), the prefetch thread, and any worker count give the same
+    codes and features in file order, with bad files reported at their positions."""
+    files = list_images(image_folder)[:90]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    files = files[:40] + [bad] + files[40:]
+    encoder = Encoder(load_model(trained_model))
+
+    def run(workers):
+        batches = list(encode_files(encoder, files, batch_size=16, workers=workers))
+        return ([p for b in batches for p in b.positions], np.concatenate([b.codes for b in batches]),
+                np.concatenate([b.features for b in batches]), [f for b in batches for f in b.failures])
+
+    positions, codes, features, failures = run(0)
+    assert positions == [p for p in range(len(files)) if p != 40] and [f[0] for f in failures] == [40]
+    for workers in (1, 2):
+        other = run(workers)
+        assert other[0] == positions and other[3] == failures
+        assert (np.unpackbits(other[1]) == np.unpackbits(codes)).mean() > 0.99  # 1 vs 2 threads: float noise
+        np.testing.assert_allclose(other[2], features, rtol=1e-4, atol=1e-5)
 
 
 def test_killed_build_finishes_on_rerun_without_duplicates(trained_model, tmp_path, cli_env):

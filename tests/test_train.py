@@ -32,6 +32,20 @@ def test_saved_model_reproduces_validation_accuracy(trained_model, image_folder)
     assert evaluate(model, data.test, torch.device("cpu"), bf16=False) == pytest.approx(history[-1]["val_acc"])
 
 
+def test_frozen_backbone_trains_another_code_length(trained_model, image_folder, tmp_path):
+    """--freeze-backbone: a new latent layer and classifier learn on the trained backbone, which stays as it was
+    (BatchNorm statistics included)."""
+    out = tmp_path / "bits8"
+    summary = train(TrainConfig(data=str(image_folder), out=str(out), backbone="cifar_convnet_small", bits=8,
+                                epochs=4, batch_size=32, lr=8.0, val_split=0.2, tta=False,
+                                weights=str(trained_model), freeze_backbone=True))
+    assert summary["val_acc"] > 0.6
+    before, after = load_file(str(trained_model / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    backbone = [key for key in after if key.startswith("backbone.")]
+    assert backbone and all(torch.equal(before[key], after[key]) for key in backbone)
+    assert after["latent.weight"].shape == (8, before["latent.weight"].shape[1])
+
+
 def test_killed_run_resumes_to_the_same_model(tmp_path, image_folder, cli_env):
     args = ["--data", str(image_folder), "--backbone", "cifar_convnet_small", "--bits", "12", "--batch-size", "32",
             "--epochs", "6", "--no-tta", "--val-split", "0.2"]
@@ -74,6 +88,7 @@ def _run(args, env):
     (["--bits", "0"], "at least 1"),
     (["--weights", "/nonexistent.pth"], "cannot read --weights"),
     (["--resume"], "no checkpoint"),
+    (["--freeze-backbone"], "needs a trained backbone"),
 ])
 def test_cli_errors_are_one_line(args, message, tmp_path, image_folder, cli_env):
     full = ["--data", str(image_folder), "--out", str(tmp_path / "m"), "--epochs", "1"] + args

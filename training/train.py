@@ -57,6 +57,7 @@ class TrainConfig:
     amp: str = "auto"
     pretrained: bool = False
     weights: str | None = None
+    freeze_backbone: bool = False  # train only the latent layer and classifier on a trained backbone
     resume: bool = False
     seed: int = 0
     val_split: float = 0.1
@@ -134,7 +135,6 @@ def evaluate(model: nn.Module, data: LabeledImages, device: torch.device, bf16: 
                 shifted = model(padded[..., :-2, :-2]).float() + model(padded[..., 2:, 2:]).float()
                 logits = 0.5 * logits + 0.25 * shifted
         correct += (logits.argmax(1).cpu() == data.labels[start:start + batch_size]).sum().item()
-    model.train()
     return correct / max(1, len(data))
 
 
@@ -151,6 +151,13 @@ def hashing_loss(objective: str, latent: torch.Tensor, logits: torch.Tensor, lab
     if objective != "latent":
         loss = loss + F.binary_cross_entropy_with_logits(latent.float(), target_bits)
     return loss
+
+
+def set_train_mode(model: HashingNet, freeze_backbone: bool) -> None:
+    """A frozen backbone stays in eval mode: its BatchNorm statistics are part of what it learned."""
+    model.train()
+    if freeze_backbone:
+        model.backbone.eval()
 
 
 # ---------------------------------------------------------------- optimizer and checkpoints
@@ -218,6 +225,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         dataset = load_dataset(config.data, config.format, config.input_size, config.val_split, config.seed)
     if config.objective not in OBJECTIVES:
         raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{config.objective}'")
+    if config.freeze_backbone and config.weights is None and not config.pretrained:
+        raise UserError("--freeze-backbone needs a trained backbone: give --weights (or --pretrained)")
     if config.resume and not (out / CHECKPOINT).is_file():
         raise UserError(f"--resume: no checkpoint in {out}")
     out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +234,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     model = create_model(config.backbone, config.bits, dataset.class_names, input_size,
                          pretrained=config.pretrained, weights=config.weights).to(device)
     model.config.extra["objective"] = config.objective
+    model.backbone.requires_grad_(not config.freeze_backbone)  # frozen: no backbone graph, ~3x cheaper steps
     classes_trained = config.objective != "cnnh"  # pure CNNH leaves the classifier untrained
     target_bits = None
     if config.objective != "latent":
@@ -255,13 +265,13 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         # From the checkpoint's history: an epoch logged after the last checkpoint is not counted twice.
         (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    model.train()
     started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)  # a resumed run counts on
     for epoch in range(start_epoch, epochs):
         generator.manual_seed(config.seed * 1000 + epoch)  # per-epoch seed: a resumed run sees the same batches
         order = torch.randperm(len(dataset.train), generator=generator, device=device)
         order = order[rank * config.batch_size * steps_per_epoch:][:config.batch_size * steps_per_epoch]
         epoch_start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        set_train_mode(model, config.freeze_backbone)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0, leave=False)
         for batch_index in bar:
             if step >= total_steps:
@@ -338,7 +348,7 @@ EXAMPLES = """examples:
   python -m training.train --data photos/ --out models/photos --backbone resnet18 --input-size 64 --epochs 20
   python -m training.train --data photos/ --out models/photos --backbone resnet50 --pretrained --input-size 224
   python -m training.train --data ../shared/data/mnist --out models/mnist --bits 12 --resume
-  python -m training.train --data DIR --out models/cifar12 --bits 12 --weights models/cifar48 --epochs 3 --lr 0.5
+  python -m training.train --data DIR --out models/cifar12 --bits 12 --weights models/cifar48 --freeze-backbone
   torchrun --nproc-per-node 4 -m training.train --data DIR --out MODEL_DIR --device cuda
 """
 
@@ -374,6 +384,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--pretrained", action="store_true", help="start from timm's hub weights (needs internet)")
     parser.add_argument("--weights", help="local .safetensors/.pth file to load into the backbone, or a latenthash "
                         "model directory (its backbone)")
+    parser.add_argument("--freeze-backbone", action="store_true",
+                        help="train only the latent layer and classifier (with --weights): another code length "
+                        "on a trained backbone in minutes")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--val-split", type=float, default=defaults.val_split,

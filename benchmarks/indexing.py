@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--cifar-test", help="CIFAR-10 python batches dir: also index its test set as PNGs")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None,
-                        help="decoding processes (default: build-index's, by job size and cores)")
+                        help="build-index worker processes (default: build-index's, by job size and device)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating build / pre-decoded rounds")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latenthash-indexing-"))

@@ -32,22 +32,6 @@ class EncodedBatch:
     failures: list[tuple[int, str]]  # (position, reason) of files that did not decode
 
 
-class _Files(Dataset):
-    def __init__(self, files: Sequence[Path], size: int):
-        self.files, self.size = files, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return position, load_image(self.files[position], self.size), None
-        except BadImage as error:
-            return position, None, str(error)
-        except OSError as error:  # permissions, vanished files
-            return position, None, f"{type(error).__name__}: {error}"
-
-
 @dataclass
 class DecodedBatch:
     positions: list[int]  # of the images that decoded
@@ -55,12 +39,36 @@ class DecodedBatch:
     failures: list[tuple[int, str]]
 
 
-def _stack(items: list) -> DecodedBatch:
-    """One tensor per batch: a worker process then hands over one shared-memory block, not one per image."""
-    good = [(position, image) for position, image, _ in items if image is not None]
-    return DecodedBatch([position for position, _ in good],
-                        torch.stack([image for _, image in good]) if good else None,
-                        [(position, error) for position, image, error in items if image is None])
+def _decode(path: Path, size: int) -> tuple[torch.Tensor | None, str | None]:
+    try:
+        return load_image(path, size), None
+    except BadImage as error:
+        return None, str(error)
+    except OSError as error:  # permissions, vanished files
+        return None, f"{type(error).__name__}: {error}"
+
+
+class _DecodedBatches(Dataset):
+    """Item i = batch i of the files, decoded and stacked: a worker process hands over one shared-memory block
+    per batch, not one per image."""
+
+    def __init__(self, files: Sequence[Path], size: int, batch_size: int):
+        self.files, self.size, self.batch_size = files, size, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.files) // self.batch_size)
+
+    def __getitem__(self, index: int) -> DecodedBatch:
+        start = index * self.batch_size
+        positions, images, failures = [], [], []
+        for position in range(start, min(start + self.batch_size, len(self.files))):
+            image, error = _decode(self.files[position], self.size)
+            if image is None:
+                failures.append((position, error))
+            else:
+                positions.append(position)
+                images.append(image)
+        return DecodedBatch(positions, torch.stack(images) if images else None, failures)
 
 
 @dataclass
@@ -129,34 +137,29 @@ def _encode_batch(encoder: Encoder, batch: DecodedBatch) -> EncodedBatch:
 
 
 class _EncodedBatches(Dataset):
-    """Item i = batch i of the files, decoded and encoded inside a DataLoader worker (torch gives each worker
-    one thread; the forked worker shares the model's weights with this process)."""
+    """Item i = batch i, decoded and encoded inside a DataLoader worker (torch gives each worker one thread; the
+    forked worker shares the model's weights with this process)."""
 
-    def __init__(self, encoder: Encoder, files: _Files, batch_size: int):
-        self.encoder, self.files, self.batch_size = encoder, files, batch_size
+    def __init__(self, encoder: Encoder, batches: _DecodedBatches):
+        self.encoder, self.batches = encoder, batches
 
     def __len__(self) -> int:
-        return -(-len(self.files) // self.batch_size)
+        return len(self.batches)
 
     def __getitem__(self, index: int) -> EncodedBatch:
-        start = index * self.batch_size
-        decoded = _stack([self.files[i] for i in range(start, min(start + self.batch_size, len(self.files)))])
         with torch.inference_mode():
-            return _encode_batch(self.encoder, decoded)
+            return _encode_batch(self.encoder, self.batches[index])
 
 
-def _prefetched(files: _Files, batch_size: int) -> Iterator[DecodedBatch]:
+def _prefetched(batches: _DecodedBatches) -> Iterator[DecodedBatch]:
     """Decoded batches from one thread that decodes the next batch while the caller encodes this one (Pillow
     and torch both release the GIL)."""
-    def decode(start: int) -> DecodedBatch:
-        return _stack([files[i] for i in range(start, min(start + batch_size, len(files)))])
-
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(decode, 0)
-        for start in range(0, len(files), batch_size):
+        pending = pool.submit(batches.__getitem__, 0) if len(batches) else None
+        for index in range(len(batches)):
             batch = pending.result()
-            if start + batch_size < len(files):
-                pending = pool.submit(decode, start + batch_size)
+            if index + 1 < len(batches):
+                pending = pool.submit(batches.__getitem__, index + 1)
             yield batch
 
 
@@ -164,14 +167,13 @@ def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
                  workers: int | None = None) -> Iterator[EncodedBatch]:
     """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
     workers = default_workers(len(files), encoder.device) if workers is None else workers
-    decoder = _Files(files, encoder.input_size)
+    batches = _DecodedBatches(files, encoder.input_size, batch_size)
     if workers and encoder.device.type == "cpu":
-        yield from DataLoader(_EncodedBatches(encoder, decoder, batch_size), batch_size=None, num_workers=workers,
+        yield from DataLoader(_EncodedBatches(encoder, batches), batch_size=None, num_workers=workers,
                               prefetch_factor=2)
     elif workers:
-        for batch in DataLoader(decoder, batch_size=batch_size, num_workers=workers, collate_fn=_stack,
-                                prefetch_factor=4):
+        for batch in DataLoader(batches, batch_size=None, num_workers=workers, prefetch_factor=4):
             yield _encode_batch(encoder, batch)
     else:
-        for batch in _prefetched(decoder, batch_size):
+        for batch in _prefetched(batches):
             yield _encode_batch(encoder, batch)

@@ -152,7 +152,8 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
             if objective == "latent":
                 backbone_vectors = (query_vectors, db_vectors)
             if objective in args.methods:
-                rows.append(score(args, labels, objective, "backbone", bits, (query_codes, db_codes),
+                features = "backbone, mirror-averaged" if model.config.mirror_average else "backbone"
+                rows.append(score(args, labels, objective, features, bits, (query_codes, db_codes),
                                   (query_vectors, db_vectors), model=str(model_dir), fit_seconds=train_seconds,
                                   encode_seconds=encode_seconds))
         for method in hashers:

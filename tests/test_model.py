@@ -55,6 +55,21 @@ def test_save_load_round_trip_encodes_identically(tmp_path):
         assert key in config
 
 
+def test_mirror_average_makes_codes_and_features_flip_invariant(tmp_path):
+    model = create_model("cifar_convnet_small", 16, ["a", "b"]).eval()
+    with torch.no_grad():
+        model.latent.bias.normal_()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    plain = save_model(model, tmp_path / "plain")
+    model.config.mirror_average = True
+    assert save_model(model, tmp_path / "mirror") != plain  # catalogs see a different encoder
+    loaded = load_model(tmp_path / "mirror")
+    codes, features = loaded.encode(images)
+    mirrored_codes, mirrored_features = loaded.encode(images.flip(-1))
+    assert np.array_equal(codes, mirrored_codes) and np.array_equal(features, mirrored_features)
+    assert not np.array_equal(load_model(tmp_path / "plain").encode(images)[1], features)
+
+
 def test_fingerprint_changes_with_weights(tmp_path):
     model = create_model("cifar_convnet_small", 16, ["a", "b"])
     first = save_model(model, tmp_path / "a")

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from engine.metrics import retrieval_metrics
 from engine.synthetic import make_image_folder
 from training.cnnh import cnnh_target_codes
 from training.data import load_dataset
+from training.errors import UserError
 from training.model import load_model
 from training.train import CHECKPOINT, TrainConfig, evaluate, train
 
@@ -38,12 +40,23 @@ def test_frozen_backbone_trains_another_code_length(trained_model, image_folder,
     out = tmp_path / "bits8"
     summary = train(TrainConfig(data=str(image_folder), out=str(out), backbone="cifar_convnet_small", bits=8,
                                 epochs=4, batch_size=32, lr=8.0, val_split=0.2, tta=False,
-                                weights=str(trained_model), freeze_backbone=True))
+                                weights=str(trained_model), freeze_backbone=True, mirror_average=True))
     assert summary["val_acc"] > 0.6
     before, after = load_file(str(trained_model / "model.safetensors")), load_file(str(out / "model.safetensors"))
     backbone = [key for key in after if key.startswith("backbone.")]
     assert backbone and all(torch.equal(before[key], after[key]) for key in backbone)
     assert after["latent.weight"].shape == (8, before["latent.weight"].shape[1])
+    images = load_dataset(image_folder, val_split=0.2, seed=0).test.images
+    model = load_model(out)  # --mirror-average is kept with the model: its codes cannot see a flip
+    assert model.config.mirror_average
+    assert np.array_equal(model.encode(images)[0], model.encode(images.flip(-1))[0])
+
+
+def test_mirror_average_is_refused_where_a_flip_changes_the_meaning(tmp_path, image_folder):
+    digits = dataclasses.replace(load_dataset(image_folder, val_split=0.2, seed=0), mirror_invariant=False)
+    with pytest.raises(UserError, match="mirror-average"):
+        train(TrainConfig(data=str(image_folder), out=str(tmp_path / "m"), backbone="cifar_convnet_small",
+                          mirror_average=True), dataset=digits)
 
 
 def test_killed_run_resumes_to_the_same_model(tmp_path, image_folder, cli_env):

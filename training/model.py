@@ -22,7 +22,7 @@ from torch import nn
 from training import backbones  # noqa: F401  (registers the CIFAR-native backbones with timm)
 from training.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: mirror_average
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -38,6 +38,9 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     feature_dim: int = 0
+    # encode() averages an image's features with its mirror's: codes and re-ranking features that a
+    # horizontal flip cannot change, for twice the encoding cost (only where a flip keeps the meaning)
+    mirror_average: bool = False
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
@@ -102,7 +105,10 @@ class HashingNet(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Packed codes (uint8, np.packbits order: bit i = latent unit i, MSB first) and float32 features."""
-        features = self.features(images.to(self.mean.device)).float()
+        images = images.to(self.mean.device)
+        features = self.features(images).float()
+        if self.config.mirror_average:  # the latent layer is affine: this averages its pre-activations too
+            features = 0.5 * (features + self.features(images.flip(-1)).float())
         activations = torch.sigmoid(self.latent(features))
         bits = (activations > 0.5).cpu().numpy()
         return np.packbits(bits, axis=1), features.cpu().numpy()

@@ -58,6 +58,7 @@ class TrainConfig:
     pretrained: bool = False
     weights: str | None = None
     freeze_backbone: bool = False  # train only the latent layer and classifier on a trained backbone
+    mirror_average: bool = False  # the saved model encodes an image and its mirror (ModelConfig.mirror_average)
     resume: bool = False
     seed: int = 0
     val_split: float = 0.1
@@ -227,6 +228,8 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{config.objective}'")
     if config.freeze_backbone and config.weights is None and not config.pretrained:
         raise UserError("--freeze-backbone needs a trained backbone: give --weights (or --pretrained)")
+    if config.mirror_average and not dataset.mirror_invariant:
+        raise UserError("--mirror-average: a horizontal flip changes what these images mean (digits)")
     if config.resume and not (out / CHECKPOINT).is_file():
         raise UserError(f"--resume: no checkpoint in {out}")
     out.mkdir(parents=True, exist_ok=True)
@@ -234,6 +237,7 @@ def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     model = create_model(config.backbone, config.bits, dataset.class_names, input_size,
                          pretrained=config.pretrained, weights=config.weights).to(device)
     model.config.extra["objective"] = config.objective
+    model.config.mirror_average = config.mirror_average
     model.backbone.requires_grad_(not config.freeze_backbone)  # frozen: no backbone graph, ~3x cheaper steps
     classes_trained = config.objective != "cnnh"  # pure CNNH leaves the classifier untrained
     target_bits = None
@@ -387,6 +391,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--freeze-backbone", action="store_true",
                         help="train only the latent layer and classifier (with --weights): another code length "
                         "on a trained backbone in minutes")
+    parser.add_argument("--mirror-average", action="store_true",
+                        help="the model encodes each image and its mirror and averages the features: flip-invariant "
+                        "codes (fewer wrong bits) at twice the cost of building and querying a catalog")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--val-split", type=float, default=defaults.val_split,

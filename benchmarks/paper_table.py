@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
         networks.insert(0, "latent")  # its backbone features are what the code makers hash
     rows = []
     for bits in args.bits:
-        backbone_vectors = None
+        feature_sets = {"gist": ("gist", gist_vectors)}  # --features name -> (label in the table, vectors)
         for objective in networks:
             model_dir, train_seconds = network(args, data, objective, bits)
             model = load_model(model_dir)
@@ -149,24 +149,23 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
             (query_codes, query_vectors), (db_codes, db_vectors) = (encode_all(model, data.test.images),
                                                                     encode_all(model, data.train.images))
             encode_seconds = time.perf_counter() - start
+            label = "backbone, mirror-averaged" if model.config.mirror_average else "backbone"
             if objective == "latent":
-                backbone_vectors = (query_vectors, db_vectors)
+                feature_sets["backbone"] = (label, (query_vectors, db_vectors))
             if objective in args.methods:
-                features = "backbone, mirror-averaged" if model.config.mirror_average else "backbone"
-                rows.append(score(args, labels, objective, features, bits, (query_codes, db_codes),
+                rows.append(score(args, labels, objective, label, bits, (query_codes, db_codes),
                                   (query_vectors, db_vectors), model=str(model_dir), fit_seconds=train_seconds,
                                   encode_seconds=encode_seconds))
         for method in hashers:
-            for features in args.features:
-                vectors = gist_vectors if features == "gist" else backbone_vectors
+            for label, vectors in (feature_sets[features] for features in args.features):
                 if bits > vectors[1].shape[1] and method in ("itq", "itq-cca"):
-                    print(f"skipping {method} ({features}) at {bits} bits: more bits than feature dimensions")
+                    print(f"skipping {method} ({label}) at {bits} bits: more bits than feature dimensions")
                     continue
                 hasher = fit_hasher(method, vectors[1], bits, labels[1] if method in SUPERVISED else None,
                                     seed=args.seed)
                 start = time.perf_counter()
                 codes = (hasher.encode(vectors[0]), hasher.encode(vectors[1]))
-                rows.append(score(args, labels, method, features, bits, codes, vectors,
+                rows.append(score(args, labels, method, label, bits, codes, vectors,
                                   fit_seconds=hasher.fit_seconds, encode_seconds=time.perf_counter() - start))
     return rows, data
 

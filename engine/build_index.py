@@ -7,7 +7,6 @@ where it stopped with no duplicates and nothing lost.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -19,18 +18,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from engine.encode import Encoder, encode_files
+from engine.encode import Encoder, encode_files, load_encoder
 from engine.errors import run_cli
+from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, label_of, read_record,
+                           regular_file_status, write_record)
 from shards import Catalog
 from training.errors import UserError
-from training.hashers import HASHERS, SUPERVISED, fit_hasher, load_hasher, save_hasher
+from training.hashers import SUPERVISED, fit_hasher, save_hasher
 from training.images import list_images
 from training.model import load_model, pick_device
 
-ENGINE_FILE = "engine.json"  # which model (and code maker) a catalog's codes came from, for queries
-CODE_MAKER_FILE = "code-maker.safetensors"
 REPORT_FILE = "build-report.json"
-CODES = ("latent", *HASHERS)
 
 
 @dataclass
@@ -44,34 +42,6 @@ class BuildSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     failures: list[dict] = field(default_factory=list)
-
-
-def item_id(path: Path) -> int:
-    """A stable 63-bit id from the absolute path: the same file always maps to the same item."""
-    return int.from_bytes(hashlib.blake2b(str(path).encode(), digest_size=8).digest(), "big") >> 1
-
-
-def label_of(path: Path, root: Path) -> str | None:
-    """The first subfolder under the root is the label (class) when the layout has one."""
-    parts = path.relative_to(root).parts
-    return parts[0] if len(parts) > 1 else None
-
-
-def engine_record(catalog_dir: Path) -> dict | None:
-    """engine.json of a catalog: the model directory and code maker its codes came from (None if absent)."""
-    path = Path(catalog_dir) / ENGINE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_encoder(catalog_dir: Path, model_dir: str | os.PathLike | None = None, device: str = "auto") -> Encoder:
-    """The encoder that made a catalog's codes: its recorded model (or `model_dir`) and code maker."""
-    record = engine_record(catalog_dir) or {}
-    model_dir = model_dir or record.get("model_dir")
-    if model_dir is None:
-        raise UserError(f"{catalog_dir} records no model; pass --model MODEL_DIR")
-    model = load_model(model_dir, device=pick_device(device))
-    maker = record.get("code_maker")
-    return Encoder(model, load_hasher(Path(catalog_dir) / maker) if maker else None)
 
 
 def open_or_create_catalog(catalog_dir: Path, encoder: Encoder, shards: int, index: str) -> Catalog:
@@ -119,13 +89,14 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     root = Path(image_dir).resolve()
     if not root.is_dir():
         raise UserError(f"image directory {image_dir} does not exist or is not a directory")
-    files = list_images(root)
-    if not files:
+    listed = list_images(root)
+    if not listed:
         raise UserError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
+    files, stats, bad_entries = _regular_files(listed)
     catalog_dir = Path(catalog_dir)
-    record = engine_record(catalog_dir) if (catalog_dir / "manifest.json").exists() else None
+    record = read_record(catalog_dir) if (catalog_dir / "manifest.json").exists() else None
     if record is not None:
-        recorded = record.get("codes", "latent")
+        recorded = record.codes
         if codes not in (None, recorded):
             raise UserError(f"catalog {catalog_dir} holds {recorded} codes; it cannot take --codes {codes} "
                             "(build a new catalog for other codes)")
@@ -141,14 +112,14 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
                                      batch_size, workers, progress)
             catalog_dir.mkdir(parents=True, exist_ok=True)
             save_hasher(encoder.hasher, catalog_dir / CODE_MAKER_FILE)
-    summary = BuildSummary(found=len(files))
+    summary = BuildSummary(found=len(listed), failures=bad_entries)
     with open_or_create_catalog(catalog_dir, encoder, shards, index) as catalog:
-        (catalog_dir / ENGINE_FILE).write_text(json.dumps(
-            {"model_dir": str(Path(model_dir).resolve()), "model_fingerprint": encoder.model.fingerprint,
-             "codes": encoder.codes, "code_maker": CODE_MAKER_FILE if encoder.hasher is not None else None},
-            indent=2) + "\n")
+        roots = (record.image_roots if record is not None else [])
+        write_record(catalog_dir, EngineRecord(
+            model_dir=str(Path(model_dir).resolve()), model_fingerprint=encoder.model.fingerprint,
+            codes=encoder.codes, code_maker=CODE_MAKER_FILE if encoder.hasher is not None else None,
+            image_roots=roots + [str(root)] * (str(root) not in roots)))
         ids = np.array([item_id(f) for f in files], dtype=np.int64)
-        stats = [f.stat() for f in files]
         todo, changed = [], []
         known = catalog.metadata(ids) if len(catalog) else [None] * len(ids)
         for position, (meta, st) in enumerate(zip(known, stats)):
@@ -170,12 +141,12 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         with torch.inference_mode():
             for batch in encode_files(encoder, todo_files, batch_size, workers):
                 positions = [todo[p] for p in batch.positions]
-                metas = [dict(path=str(files[p]), label=label_of(files[p], root), size=stats[p].st_size,
+                metas = [dict(path=display_path(files[p]), label=label_of(files[p], root), size=stats[p].st_size,
                               mtime_ns=stats[p].st_mtime_ns) for p in positions]
                 if positions:
                     catalog.add(ids[positions], batch.codes, batch.features, metas)
                 summary.indexed += len(positions)
-                summary.failures += [dict(path=str(todo_files[p]), error=e) for p, e in batch.failures]
+                summary.failures += [dict(path=display_path(todo_files[p]), error=e) for p, e in batch.failures]
                 bar.update(len(batch.positions) + len(batch.failures))
                 rate = (summary.indexed + len(summary.failures)) / (time.perf_counter() - encode_start)
                 bar.set_postfix(img_s=f"{rate:.0f}", failed=len(summary.failures))
@@ -186,6 +157,18 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         summary.images_per_second = round(len(todo_files) / (time.perf_counter() - encode_start), 1)
     (catalog_dir / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+def _regular_files(files: list[Path]) -> tuple[list[Path], list[os.stat_result], list[dict]]:
+    """The files that are regular files (after symlinks), their stat, and a failure entry for each other one."""
+    kept, stats, failures = [], [], []
+    for file in files:
+        try:
+            stats.append(regular_file_status(file))
+            kept.append(file)
+        except OSError as error:
+            failures.append(dict(path=display_path(file), error=f"{type(error).__name__}: {error.strerror or error}"))
+    return kept, stats, failures
 
 
 def _prune(catalog: Catalog, root: Path, present: set[int]) -> int:

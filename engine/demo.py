@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.build_index import build_index
 from engine.errors import run_cli
+from engine.record import read_record
 from engine.metrics import retrieval_metrics, two_stage_metrics
 from engine.query import format_table
 from engine.report import write_html
@@ -61,7 +62,8 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
     precision = np.mean([[r.label == query_files[i].parent.name for r in rs] for i, rs in enumerate(results)])
     page = out / "results.html"
     write_html(page, [str(query_files[i]) for i in range(0, len(query_files), queries_per_class)],
-               [results[i] for i in range(0, len(query_files), queries_per_class)], "latenthash demo")
+               [results[i] for i in range(0, len(query_files), queries_per_class)], "latenthash demo",
+               read_record(out / "catalog").image_roots)
     report = dict(val_acc=summary.get("val_acc"), precision_at_10=float(precision), map_hamming=float(hamming_map),
                   map_two_stage=float(two_stage_map), seconds=time.perf_counter() - started)
     print()

@@ -9,7 +9,11 @@ Three pipelines, picked by device and job size:
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from training.hashers import FeatureHasher
+from engine.record import code_maker_file, read_record
+from training.errors import UserError
+from training.hashers import FeatureHasher, load_hasher
 from training.images import BadImage, load_image
-from training.model import HashingNet
+from training.model import HashingNet, load_model, pick_device
 
 
 @dataclass
@@ -115,6 +121,30 @@ class Encoder:
         return (self.hasher.encode(features) if self.hasher is not None else codes), features
 
 
+def load_encoder(catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+                 device: str = "auto") -> Encoder:
+    """The encoder that made a catalog's codes: its recorded model (or `model_dir`) and code maker."""
+    record = read_record(catalog_dir)
+    model_dir = model_dir or (record.model_dir if record is not None else None)
+    if model_dir is None:
+        raise UserError(f"{catalog_dir} records no model; pass --model MODEL_DIR")
+    model = load_model(model_dir, device=pick_device(device))
+    maker = code_maker_file(catalog_dir, record) if record is not None else None
+    return Encoder(model, load_hasher(maker) if maker is not None else None)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int, _worker: int) -> None:
+    """DataLoader worker start-up: be killed when the parent dies, even by SIGKILL (which leaves it no chance to
+    stop its workers), so no orphan keeps decoding, holding memory or the catalog's files."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 PROCESS_MIN_IMAGES = 512  # fewer images: worker processes' start-up (~0.15 s) costs more than they save
 
 
@@ -168,11 +198,13 @@ def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
     """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
     workers = default_workers(len(files), encoder.device) if workers is None else workers
     batches = _DecodedBatches(files, encoder.input_size, batch_size)
+    die_with_parent = functools.partial(_die_with_parent, os.getpid())
     if workers and encoder.device.type == "cpu":
         yield from DataLoader(_EncodedBatches(encoder, batches), batch_size=None, num_workers=workers,
-                              prefetch_factor=2)
+                              prefetch_factor=2, worker_init_fn=die_with_parent)
     elif workers:
-        for batch in DataLoader(batches, batch_size=None, num_workers=workers, prefetch_factor=4):
+        for batch in DataLoader(batches, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                worker_init_fn=die_with_parent):
             yield _encode_batch(encoder, batch)
     else:
         for batch in _prefetched(batches):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -17,6 +19,8 @@ from tqdm import tqdm
 
 from engine.errors import run_cli
 from shards import Catalog
+from shards.catalog import MAX_BITS, MAX_FEATURE_DIM
+from shards.codes import code_bytes
 from training.errors import UserError
 
 BATCH = 50_000
@@ -50,33 +54,161 @@ def export_catalog(catalog_dir: str | os.PathLike, out: str | os.PathLike, progr
     return n
 
 
+@dataclass
+class ImportSummary:
+    added: int = 0
+    unchanged: int = 0  # ids already in the catalog with the same code, features and metadata (a resumed import)
+    conflicts: list[int] = field(default_factory=list)  # ids already in the catalog with other content: kept
+
+
+_DATASETS = ("ids", "codes", "features", "labels", "paths")
+
+
+def _dataset(f: h5py.File, name: str, file: Path) -> h5py.Dataset | None:
+    """A dataset stored inside this file: links to other files or objects, external raw storage (bytes of
+    another local file) and virtual datasets are refused, so an import copies nothing from elsewhere."""
+    link = f.get(name, getlink=True)
+    if link is None:
+        return None
+    if not isinstance(link, h5py.HardLink):
+        raise UserError(f"{file}: '{name}' is a link to elsewhere; only data stored in the file is imported")
+    dataset = f[name]
+    if not isinstance(dataset, h5py.Dataset):
+        raise UserError(f"{file}: '{name}' is not a dataset")
+    if dataset.is_virtual or dataset.id.get_create_plist().get_external_count():
+        raise UserError(f"{file}: '{name}' keeps its data outside the file; only data stored in it is imported")
+    return dataset
+
+
+def _check_import(f: h5py.File, file: Path, max_items: int | None) -> tuple[int, int, int]:
+    """Everything an import can check before it writes: datasets, shapes, types, ids, finite features, size.
+    Returns (items, bits, feature dim)."""
+    data = {name: _dataset(f, name, file) for name in _DATASETS}
+    missing = [d for d in ("ids", "codes", "features") if data[d] is None]
+    if missing or "bits" not in f.attrs:
+        raise UserError(f"{file} lacks {', '.join(missing) or 'the bits attribute'}; not a latenthash export")
+    try:
+        bits = int(f.attrs["bits"])
+    except (TypeError, ValueError):
+        raise UserError(f"{file}: attribute bits must be an integer, got {f.attrs['bits']!r}") from None
+    if not 1 <= bits <= MAX_BITS:
+        raise UserError(f"{file}: bits must be in [1, {MAX_BITS}], got {bits}")
+    features = data["features"]
+    if features.ndim != 2 or not 1 <= features.shape[1] <= MAX_FEATURE_DIM or features.dtype.kind != "f":
+        raise UserError(f"{file}: features must be a 2-D float array (items x dims), got {features.dtype} "
+                        f"{features.shape}")
+    n = features.shape[0]
+    if max_items is not None and n > max_items:
+        raise UserError(f"{file} holds {n} items, more than --max-items {max_items}")
+    expected = {"ids": ((n,), "iu"), "codes": ((n, code_bytes(bits)), "u"), "labels": ((n,), "iu")}
+    for name, (shape, kinds) in expected.items():
+        dataset = data[name]
+        if dataset is not None and (dataset.shape != shape or dataset.dtype.kind not in kinds):
+            raise UserError(f"{file}: {name} must have shape {shape} and an integer type, got {dataset.dtype} "
+                            f"{dataset.shape}")
+    if data["codes"].dtype.itemsize != 1:
+        raise UserError(f"{file}: codes must be packed bytes (uint8)")
+    if data["paths"] is not None and (data["paths"].shape != (n,) or h5py.check_string_dtype(data["paths"].dtype)
+                                      is None):
+        raise UserError(f"{file}: paths must be {n} strings")
+    ids = data["ids"][:]
+    if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int64).max):
+        raise UserError(f"{file}: ids must be non-negative 64-bit integers")
+    if len(np.unique(ids)) != len(ids):
+        raise UserError(f"{file}: ids are not unique")
+    for start in range(0, n, BATCH):
+        part = features[start:start + BATCH]
+        if not np.isfinite(part).all():
+            row = start + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
+            raise UserError(f"{file}: features of item {int(ids[row])} (row {row}) are not finite (NaN or inf)")
+    return n, bits, features.shape[1]
+
+
+def _expected_bytes(n: int, bits: int, dim: int) -> int:
+    """About what n items take in a catalog: features as float16, code, item record, metadata, index copies."""
+    return n * (2 * dim + 3 * code_bytes(bits) + 200)
+
+
+def _same(item, code: np.ndarray, features: np.ndarray, meta: dict, dtype: str) -> bool:
+    stored = item.meta or {}
+    return (np.array_equal(item.code, code) and np.array_equal(item.features, features.astype(dtype).astype(np.float32))
+            and stored.get("path") == meta["path"] and stored.get("label") == meta["label"])
+
+
 def import_hdf5(file: str | os.PathLike, catalog_dir: str | os.PathLike, shards: int = 4, index: str = "flat",
-                progress: bool = True) -> int:
-    """Bulk-load an HDF5 file (the export format) into a catalog, creating it if needed; returns items added."""
-    if not Path(file).is_file():
+                progress: bool = True, max_items: int | None = None) -> ImportSummary:
+    """Bulk-load an HDF5 file (the export format) into a catalog, creating it if needed. Resumable: ids already
+    in the catalog with the same content are skipped, ids with other content are kept and reported."""
+    file, catalog_dir = Path(file), Path(catalog_dir)
+    if not file.is_file():
         raise UserError(f"no such HDF5 file: {file}")
-    with h5py.File(file, "r") as f:
-        missing = [d for d in ("ids", "codes", "features") if d not in f]
-        if missing or "bits" not in f.attrs:
-            raise UserError(f"{file} lacks {', '.join(missing) or 'the bits attribute'}; not a latenthash export")
-        bits, fingerprint = int(f.attrs["bits"]), str(f.attrs.get("model_fingerprint", "")) or None
-        names = [str(n) for n in f.attrs.get("label_names", [])]
-        n, dim = f["features"].shape
-        if (Path(catalog_dir) / "manifest.json").exists():
-            catalog = Catalog.open(catalog_dir, readonly=False, model_fingerprint=fingerprint)
-        else:
+    try:
+        f = h5py.File(file, "r")
+    except OSError as error:
+        raise UserError(f"{file}: not a readable HDF5 file ({error})") from None
+    with f:
+        n, bits, dim = _check_import(f, file, max_items)
+        fingerprint = str(f.attrs.get("model_fingerprint", "")) or None
+        names = [str(name) for name in np.atleast_1d(f.attrs.get("label_names", []))]
+        creating, existed = not (catalog_dir / "manifest.json").exists(), catalog_dir.exists()
+        if creating:
+            free = shutil.disk_usage(catalog_dir.parent if not catalog_dir.exists() else catalog_dir).free
+            if _expected_bytes(n, bits, dim) > free:
+                raise UserError(f"{file}: {n} items need about {_expected_bytes(n, bits, dim) >> 20} MiB, but only "
+                                f"{free >> 20} MiB are free")
             catalog = Catalog.create(catalog_dir, bits=bits, feature_dim=dim, shards=shards, index=index,
                                      model_fingerprint=fingerprint)
-        with catalog, tqdm(total=n, desc="importing", unit="item", disable=not progress) as bar:
-            for start in range(0, n, BATCH):
-                part = slice(start, min(n, start + BATCH))
-                labels = f["labels"][part] if "labels" in f else np.full(part.stop - start, -1)
-                paths = f["paths"].asstr()[part] if "paths" in f else [""] * (part.stop - start)
-                metas = [dict(path=p or None, label=(names[l] if 0 <= l < len(names) else int(l)) if l >= 0 else None)
-                         for p, l in zip(paths, labels)]
-                catalog.add(f["ids"][part], f["codes"][part], f["features"][part], metas)
-                bar.update(part.stop - start)
-    return n
+        else:
+            catalog = Catalog.open(catalog_dir, readonly=False, model_fingerprint=fingerprint)
+            if catalog.bits != bits or catalog.manifest.feature_dim != dim:
+                catalog.close()
+                raise UserError(f"{file} holds {bits}-bit codes and {dim}-d features; catalog {catalog_dir} "
+                                f"holds {catalog.bits}-bit and {catalog.manifest.feature_dim}-d")
+        summary = ImportSummary()
+        try:
+            with catalog, tqdm(total=n, desc="importing", unit="item", disable=not progress) as bar:
+                _import_batches(f, catalog, names, bar, summary)
+        except BaseException:
+            if creating and summary.added == 0:  # refused before its first write: leave no catalog behind
+                _remove_catalog(catalog_dir, existed)
+            raise
+    return summary
+
+
+def _remove_catalog(catalog_dir: Path, keep_folder: bool) -> None:
+    if not keep_folder:
+        shutil.rmtree(catalog_dir, ignore_errors=True)
+        return
+    for path in catalog_dir.iterdir():
+        if path.name.startswith("shard-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.name in ("manifest.json", "writer.lock", "commit.lock"):
+            path.unlink(missing_ok=True)
+
+
+def _import_batches(f: h5py.File, catalog: Catalog, names: list[str], bar: tqdm, summary: ImportSummary) -> None:
+    n = f["features"].shape[0]
+    for start in range(0, n, BATCH):
+        part = slice(start, min(n, start + BATCH))
+        ids, codes, features = f["ids"][part].astype(np.int64), f["codes"][part], f["features"][part]
+        labels = f["labels"][part] if "labels" in f else np.full(part.stop - start, -1)
+        paths = f["paths"].asstr("utf-8", "backslashreplace")[part] if "paths" in f else [""] * (part.stop - start)
+        metas = [dict(path=p or None, label=(names[l] if 0 <= l < len(names) else int(l)) if l >= 0 else None)
+                 for p, l in zip(paths, labels)]
+        present = catalog.present(ids)
+        if present.any():  # a resumed import: skip what is there, report what differs
+            rows = np.flatnonzero(present)
+            for row, item in zip(rows, catalog.get(ids[rows])):
+                if _same(item, codes[row], features[row], metas[row], catalog.manifest.feature_dtype):
+                    summary.unchanged += 1
+                else:
+                    summary.conflicts.append(int(ids[row]))
+            new = np.flatnonzero(~present)
+            ids, codes, features, metas = ids[new], codes[new], features[new], [metas[r] for r in new]
+        if len(ids):
+            catalog.add(ids, codes, features, metas)
+        summary.added += len(ids)
+        bar.update(part.stop - start)
 
 
 EXAMPLES = """examples:
@@ -94,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--import", dest="import_file", metavar="FILE", help="HDF5 file to load into --catalog")
     parser.add_argument("--shards", type=int, default=4, help="shards, when --import creates the catalog")
     parser.add_argument("--index", choices=("flat", "hash"), default="flat")
+    parser.add_argument("--max-items", type=int, help="refuse an import of more items than this")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -101,8 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             n = export_catalog(args.catalog, args.out)
             print(f"exported {n} items to {args.out}")
         else:
-            n = import_hdf5(args.import_file, args.catalog, args.shards, args.index)
-            print(f"imported {n} items into {args.catalog}")
+            summary = import_hdf5(args.import_file, args.catalog, args.shards, args.index, max_items=args.max_items)
+            print(f"imported {summary.added} items into {args.catalog}"
+                  + (f" ({summary.unchanged} already there)" if summary.unchanged else ""))
+            if summary.conflicts:
+                print(f"error: {len(summary.conflicts)} ids are already in the catalog with other content and were "
+                      f"kept as they are: {summary.conflicts[:10]}", file=sys.stderr)
+                return 1
         return 0
 
     return run_cli(body)

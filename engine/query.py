@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict
 
 from engine.errors import run_cli
+from engine.record import read_record
 from engine.report import write_html
 from engine.search import Result, Searcher
 from training.errors import UserError
@@ -23,11 +25,19 @@ EXAMPLES = """examples:
 """
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """Text with control characters escaped (a file name holding a newline must not split a table row)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
 def format_table(query: str, results: list[Result]) -> str:
-    lines = [f"query: {query}", f"{'rank':>4}  {'hamming':>7}  {'distance':>9}  {'label':<12}  path"]
+    lines = [f"query: {printable(query)}", f"{'rank':>4}  {'hamming':>7}  {'distance':>9}  {'label':<12}  path"]
     for r in results:
         distance = f"{r.distance:9.4f}" if r.distance is not None else f"{'-':>9}"
-        lines.append(f"{r.rank:>4}  {r.hamming:>7}  {distance}  {str(r.label or '-'):<12}  {r.path}")
+        lines.append(f"{r.rank:>4}  {r.hamming:>7}  {distance}  {printable(r.label or '-'):<12}  {printable(r.path)}")
     if not results:
         lines.append("  (no results: try a larger --pool or --radius)")
     return "\n".join(lines)
@@ -66,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("\n\n".join(format_table(q, rs) for q, rs in zip(queries, results)))
         if args.html:
-            write_html(args.html, queries, results, f"latenthash: {args.catalog}")
+            record = read_record(args.catalog)
+            write_html(args.html, queries, results, f"latenthash: {args.catalog}",
+                       record.image_roots if record is not None else [])
             print(f"wrote {args.html}", file=sys.stderr)
         return 0
 

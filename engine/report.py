@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from engine.record import item_image
 from engine.search import Result
 
 THUMBNAIL = 96
@@ -35,14 +36,17 @@ def _figure(path: str | None, caption: str) -> str:
     return f'<figure>{image}<figcaption>{caption}</figcaption></figure>'
 
 
-def write_html(file: str | os.PathLike, queries: list[str], results: list[list[Result]], title: str) -> None:
+def write_html(file: str | os.PathLike, queries: list[str], results: list[list[Result]], title: str,
+               image_roots: list[str]) -> None:
+    """Results show their images only from files inside the catalog's image folders (`image_roots`)."""
     rows = []
     for query, hits in zip(queries, results):
         cells = [_figure(query if Path(query).exists() else None, f"<b>query</b><br>{html.escape(Path(query).name)}")]
         for r in hits:
             distance = f"{r.distance:.3f}" if r.distance is not None else "&ndash;"
             label = html.escape(str(r.label)) if r.label is not None else ""
-            cells.append(_figure(r.path, f"#{r.rank} {label}<br>ham {r.hamming} &middot; L2 {distance}"))
+            cells.append(_figure(item_image(r.path, image_roots),
+                                 f"#{r.rank} {label}<br>ham {r.hamming} &middot; L2 {distance}"))
         rows.append(f'<section><h2>{html.escape(query)}</h2><div class="row">{"".join(cells)}</div></section>')
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>

@@ -10,8 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.build_index import item_id, load_encoder
-from engine.encode import Encoder
+from engine.encode import Encoder, load_encoder
+from engine.record import item_id
 from shards import Catalog, CatalogError, Hits
 from training.errors import UserError
 from training.images import BadImage, load_image

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,15 +22,32 @@ import numpy as np
 from shards.codes import pad_codes
 from shards.errors import CatalogError, DuplicateIdError
 from shards.index import CodeIndex, find_sorted, make_faiss_index
-from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, INDEX_TYPES, Shard, ShardLayout, gather_rows
+from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, INDEX_TYPES, Shard, ShardLayout, gather_rows, row_checksums
 
 MANIFEST = "manifest.json"
 JOURNAL = "add.journal"
 WRITER_LOCK = "writer.lock"
 COMMIT_LOCK = "commit.lock"
 FORMAT = "latenthash-catalog"
-FORMAT_VERSION = 2  # 2: features in slot-addressed blocks
+FORMAT_VERSION = 3  # 2: features in slot-addressed blocks; 3: item checksums and shard layout records
+MAX_BITS, MAX_FEATURE_DIM, MAX_SHARDS = 4096, 65536, 4096
 _pack = msgpack.Packer(use_bin_type=True).pack  # metadata format: msgpack, ~10x faster than json here
+
+# Lock files this process holds. A forked child (a decoding worker) gets copies of their descriptors, and a
+# flock lives as long as any copy: the child must drop them, or it would hold the catalog after its parent died.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    if _HELD_LOCKS:
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in _HELD_LOCKS:
+            os.dup2(null, fd)  # the descriptor now names /dev/null: the lock's file is no longer held here
+        os.close(null)
+        _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 @dataclass
@@ -46,7 +64,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if not self.block_items:
+        if not self.block_items and type(self.feature_dim) is int and self.feature_dim > 0 \
+                and self.feature_dtype in FEATURE_DTYPES:
             row = self.feature_dim * np.dtype(self.feature_dtype).itemsize
             self.block_items = max(1, BLOCK_BYTES // row)
 
@@ -55,24 +74,52 @@ class Manifest:
         return ShardLayout(self.bits, self.feature_dim, self.feature_dtype, self.index_type, self.hash_bits,
                            self.block_items)
 
+    def check(self) -> None:
+        """Every field of the right type and within bounds (a manifest is a file anyone can edit)."""
+        def integer(name: str, low: int, high: int) -> None:
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                raise CatalogError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+        integer("bits", 1, MAX_BITS)
+        integer("feature_dim", 1, MAX_FEATURE_DIM)
+        integer("shard_count", 1, MAX_SHARDS)
+        integer("hash_bits", 1, 64)
+        integer("block_items", 1, 1 << 24)
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise CatalogError(f"unknown feature dtype {self.feature_dtype!r}; choose one of {', '.join(FEATURE_DTYPES)}")
+        if self.index_type not in INDEX_TYPES:
+            raise CatalogError(f"unknown index type {self.index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, str):
+            raise CatalogError(f"model_fingerprint must be a string, got {self.model_fingerprint!r}")
+
     @classmethod
     def read(cls, path: Path) -> "Manifest":
         file = path / MANIFEST
         if not file.is_file():
             raise CatalogError(f"{file}: missing; {path} is not a latenthash catalog")
         try:
-            fields = json.loads(file.read_text())
+            fields = json.loads(file.read_bytes().decode("utf-8"))
+            if not isinstance(fields, dict):
+                raise TypeError("not a JSON object")
+            if fields.get("format") != FORMAT:
+                raise CatalogError(f"{file}: not a latenthash catalog manifest")
+            unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise TypeError(f"unknown fields {', '.join(map(str, unknown))}")
             manifest = cls(**fields)
-        except (OSError, json.JSONDecodeError, TypeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as error:
             raise CatalogError(f"{file}: corrupted manifest ({error})") from error
-        if manifest.format != FORMAT:
-            raise CatalogError(f"{file}: not a latenthash catalog manifest")
-        if not isinstance(manifest.format_version, int) or manifest.format_version > FORMAT_VERSION:
+        if type(manifest.format_version) is not int or manifest.format_version > FORMAT_VERSION:
             raise CatalogError(f"{file}: format version {manifest.format_version} is newer than this latenthash "
                                f"reads ({FORMAT_VERSION}); upgrade latenthash")
         if manifest.format_version < FORMAT_VERSION:
             raise CatalogError(f"{file}: format version {manifest.format_version} was written by an older "
                                f"latenthash; rebuild the catalog with build-index")
+        try:
+            manifest.check()
+        except CatalogError as error:
+            raise CatalogError(f"{file}: corrupted manifest ({error})") from None
         return manifest
 
 
@@ -101,16 +148,20 @@ class Hits:
 
 def _write_atomic(file: Path, data: bytes) -> None:
     tmp = file.with_name(file.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-    directory = os.open(file.parent, os.O_RDONLY)
     try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+        directory = os.open(file.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CatalogError(f"{file}: could not be written ({error.strerror or error})") from error
 
 
 def _sort_hits(hamming: np.ndarray, ids: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -133,13 +184,19 @@ class Catalog:
             self._take_writer_lock()
         self.shards: list[Shard] = []
         try:
+            extra = sorted(p.name for p in path.glob("shard-*")
+                           if not (p.name[6:].isdigit() and int(p.name[6:]) < manifest.shard_count))
+            if extra:
+                raise CatalogError(f"{path / MANIFEST}: says {manifest.shard_count} shards, but {', '.join(extra)} "
+                                   "also exist: the manifest does not match the catalog")
             with self._commit_lock(exclusive=not readonly):
-                self.shards = [Shard(path / f"shard-{i:04d}", manifest.layout, readonly)
-                               for i in range(manifest.shard_count)]
+                for i in range(manifest.shard_count):
+                    self.shards.append(Shard(path / f"shard-{i:04d}", manifest.layout, readonly, i,
+                                             manifest.shard_count))
                 if not readonly:
                     self._roll_back_unfinished_add()
         except BaseException:
-            self.close()
+            self.close(flush=False)
             raise
         self.threads = threads or min(manifest.shard_count * 2, os.cpu_count() or 1)
         self._fp16 = faiss.ScalarQuantizer(manifest.feature_dim, faiss.ScalarQuantizer.QT_fp16)
@@ -163,7 +220,16 @@ class Catalog:
         manifest = Manifest(bits=bits, feature_dim=feature_dim, shard_count=shards, feature_dtype=feature_dtype,
                             index_type=index, hash_bits=hash_bits, model_fingerprint=model_fingerprint,
                             block_items=block_items)
-        path.mkdir(parents=True, exist_ok=True)
+        manifest.check()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CatalogError(f"{path}: cannot create the catalog folder ({error.strerror or error})") from error
+        # Shard folders without a manifest are what a creation that failed (a full disk) left: nothing was ever
+        # committed to them, since items are only added after the manifest is written.
+        for debris in path.glob("shard-*"):
+            if debris.is_dir() and {f.name for f in debris.iterdir()} <= {"data.mdb", "lock.mdb"}:
+                shutil.rmtree(debris)
         catalog = cls(path, manifest, readonly=False, threads=threads)
         _write_atomic(path / MANIFEST, (json.dumps(asdict(manifest), indent=2) + "\n").encode())
         return catalog
@@ -185,13 +251,17 @@ class Catalog:
         return cls(path, manifest, readonly, threads)
 
     def _take_writer_lock(self) -> None:
-        self._lock_file = open(self.path / WRITER_LOCK, "a")
+        try:
+            self._lock_file = open(self.path / WRITER_LOCK, "a")
+        except OSError as error:
+            raise CatalogError(f"{self.path / WRITER_LOCK}: cannot open for writing ({error.strerror})") from None
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
             self._lock_file = None
             raise CatalogError(f"{self.path / WRITER_LOCK}: another process is writing this catalog") from None
+        _HELD_LOCKS.add(self._lock_file.fileno())
 
     @contextlib.contextmanager
     def _commit_lock(self, exclusive: bool) -> Iterator[None]:
@@ -202,15 +272,18 @@ class Catalog:
         except OSError:  # a read-only copy of a catalog: nobody can be writing it
             yield
             return
+        _HELD_LOCKS.add(fd)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield
         finally:
+            _HELD_LOCKS.discard(fd)
             os.close(fd)
 
     def flush(self) -> None:
-        for shard in self.shards:
-            shard.flush()
+        with self._commit_lock(exclusive=True):  # readers open shards under the shared lock: never mid-write
+            for shard in self.shards:
+                shard.flush()
 
     def refresh(self) -> None:
         """Readers: see everything committed since opening (or the last refresh)."""
@@ -219,25 +292,34 @@ class Catalog:
             for shard in self.shards:
                 shard.refresh()
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Store the search indices (writers, unless `flush` is False) and release everything, even if storing
+        fails (a full disk): the committed items stay, and the next open rebuilds the indices from them."""
         self._locator = None
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        if not self.readonly and self.shards:
-            self.flush()
-        for shard in self.shards:
-            shard.close()
-        self.shards = []
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        try:
+            if flush and not self.readonly and self.shards:
+                self.flush()
+        finally:
+            for shard in self.shards:
+                shard.close()
+            self.shards = []
+            if self._lock_file is not None:
+                _HELD_LOCKS.discard(self._lock_file.fileno())
+                self._lock_file.close()
+                self._lock_file = None
 
     def __enter__(self) -> "Catalog":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type | None, *exc: object) -> None:
+        try:
+            self.close()
+        except CatalogError:
+            if kind is None:  # an error already on its way out says more than a failed flush after it
+                raise
 
     # ------------------------------------------------------------------ validation
     @property
@@ -254,9 +336,12 @@ class Catalog:
 
     def _check_features(self, features: np.ndarray, n: int) -> np.ndarray:
         features = np.asarray(features)
-        if features.shape != (n, self.manifest.feature_dim):
+        if features.shape != (n, self.manifest.feature_dim) or not np.issubdtype(features.dtype, np.number):
             raise CatalogError(f"{self.path}: features must have shape ({n}, {self.manifest.feature_dim}), "
-                               f"got {features.shape}")
+                               f"and be numbers, got {features.dtype} {features.shape}")
+        if not np.isfinite(features).all():  # NaN or inf: such an item is not even its own nearest neighbour
+            rows = np.flatnonzero(~np.isfinite(features).all(axis=1))
+            raise CatalogError(f"{self.path}: features of rows {rows[:10].tolist()} are not finite (NaN or inf)")
         return features
 
     def _check_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -286,7 +371,7 @@ class Catalog:
             raise CatalogError(f"{self.path}: ids, codes, features and metadata must have the same length")
         if len(np.unique(ids)) != len(ids):
             raise DuplicateIdError(f"{self.path}: the batch names an id twice")
-        encoded = [_pack(m) for m in metas] if metas is not None else None
+        encoded = [self._pack_meta(item, m) for item, m in zip(ids, metas)] if metas is not None else None
         parts = [(shard, rows) for shard, rows in zip(self.shards, self._by_shard(ids)) if len(rows)]
         for shard, rows in parts:  # refuse before anything is written: no partial batch on a duplicate
             present = [int(ids[r]) for r, code in zip(rows, shard.codes(ids[rows])) if code is not None]
@@ -295,17 +380,31 @@ class Catalog:
         journal = self.path / JOURNAL
         _write_atomic(journal, ids.tobytes())
         with self._commit_lock(exclusive=True):
-            for shard, rows in parts:
-                shard.add(ids[rows], codes[rows], features[rows],
-                          [encoded[r] for r in rows] if encoded is not None else None)
+            try:
+                for shard, rows in parts:
+                    shard.add(ids[rows], codes[rows], features[rows],
+                              [encoded[r] for r in rows] if encoded is not None else None)
+            except BaseException:  # a shard's commit failed (a full disk): undo the shards that committed
+                self._roll_back_unfinished_add()  # if this fails too, the journal stays for the next open
+                raise
             journal.unlink()
+
+    def _pack_meta(self, item: int, meta: dict) -> bytes:
+        try:
+            return _pack(meta)
+        except (TypeError, ValueError, UnicodeEncodeError, OverflowError) as error:
+            raise CatalogError(f"{self.path}: metadata of item {int(item)} cannot be stored ({error})") from None
 
     def _roll_back_unfinished_add(self) -> None:
         """An add killed between its shard commits left a journal: undo that batch so adds stay all-or-nothing."""
         journal = self.path / JOURNAL
         if not journal.exists():
             return
-        ids = np.frombuffer(journal.read_bytes(), dtype=np.int64)
+        raw = journal.read_bytes()
+        if len(raw) % 8:  # written atomically by add(): any other length is damage, not a crash
+            raise CatalogError(f"{journal}: damaged ({len(raw)} bytes, not whole 8-byte ids); it names the items "
+                               "of a batch that was cut short: compare with build-report.json, or delete it")
+        ids = np.frombuffer(raw, dtype=np.int64)
         for shard, rows in zip(self.shards, self._by_shard(ids)):
             if len(rows):
                 shard.delete(ids[rows])
@@ -396,9 +495,41 @@ class Catalog:
         return np.concatenate([i.ids for i in indexes])[order], order
 
     def features(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float32 features of the given ids, read straight from LMDB (only these records)."""
+        """float32 features of the given ids, read straight from LMDB (only these records) and checked against
+        their checksums."""
         ids = self._check_ids(ids)
-        return self._to_float32(self._feature_rows(ids), len(ids))
+        rows = self._feature_rows(ids)
+        self._check_rows(ids, rows)
+        return self._to_float32(rows, len(ids))
+
+    def _check_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Raise if a stored feature row, or the code searched for it, no longer matches the item's checksum."""
+        for shard, positions in zip(self.shards, self._by_shard(ids)):
+            if len(positions):
+                codes, sums = shard.checksums(ids[positions])
+                bad = np.flatnonzero(row_checksums(codes, rows[positions]) != sums)
+                if len(bad):
+                    raise CatalogError(f"{shard.data_file}: items {ids[positions][bad][:10].tolist()} are damaged "
+                                       f"(checksum mismatch); run python -m engine.verify --catalog {self.path}")
+
+    def present(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """A mask of the ids the catalog holds (from the in-memory indices: no disk read)."""
+        ids = self._check_ids(ids)
+        mask = np.zeros(len(ids), bool)
+        for shard, positions in zip(self.shards, self._by_shard(ids)):
+            if len(positions):
+                shard.sync_index()
+                mask[positions] = ~find_sorted(shard.code_index.ids, ids[positions])[1]
+        return mask
+
+    def verify(self) -> Iterator[tuple[str, int | None, str]]:
+        """Check every item against its checksum, feature row and metadata, and every shard's search index
+        against its items: (shard folder name, item id or None, what is wrong) for each problem found."""
+        for shard in self.shards:
+            for item, problem in shard.verify():
+                yield shard.path.name, item, problem
+        if not self.readonly and (self.path / JOURNAL).exists():
+            yield JOURNAL, None, "a batch cut short is still to be rolled back"
 
     def __iter__(self) -> Iterator[Item]:
         """Every item, shard by shard, in id order within each shard."""
@@ -484,8 +615,12 @@ class Catalog:
             if not len(hits):
                 results.append(Hits(hits.ids, hits.hamming, np.empty(0, np.float32)))
                 continue
-            squared = self._squared_distances(query, self._feature_rows(hits.ids, hits.positions))
+            rows = self._feature_rows(hits.ids, hits.positions)
+            squared = self._squared_distances(query, rows)
             order = np.lexsort((hits.ids, squared))[:k]
+            if not np.isfinite(squared).all():
+                self._check_rows(hits.ids, rows)  # names the damaged item
+            self._check_rows(hits.ids[order], rows[order])  # what is returned is checked: ~1 us per result
             results.append(Hits(hits.ids[order], hits.hamming[order], np.sqrt(squared[order])))
         return results
 

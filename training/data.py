@@ -77,11 +77,27 @@ def load_dataset(path: str | os.PathLike, format: str = "auto", input_size: int 
     return dataset
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """The official CIFAR-10 batches are pickles of dicts, lists, bytes, str, int and numpy arrays. Anything else
+    (a pickle can name any callable: os.system) is refused, so a crafted file in a data folder cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: not part of a CIFAR-10 batch file")
+        return super().find_class(module, name)
+
+
 def _load_cifar10(path: Path) -> Dataset:
     def read(name: str) -> dict:
-        # The official CIFAR-10 python format is a pickle; only these dataset files are read this way.
         with open(path / name, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+        if not isinstance(batch, dict):
+            raise ValueError(f"{name} holds a {type(batch).__name__}, not a dict")
+        return batch
 
     def to_images(batches: list[dict]) -> LabeledImages:
         data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
@@ -92,7 +108,7 @@ def _load_cifar10(path: Path) -> Dataset:
         train = to_images([read(f"data_batch_{i}") for i in range(1, 6)])
         test = to_images([read("test_batch")])
         class_names = read("batches.meta")["label_names"]
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError) as error:
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, AttributeError) as error:
         raise UserError(f"{path} is not a readable CIFAR-10 python batches directory: {error}") from error
     return Dataset(train, test, list(class_names))
 

@@ -2,8 +2,13 @@
 
 Command-line entry points catch it and print its message without a traceback.
 """
+import errno
 import sys
 from typing import Callable
+
+# Errors of the machine, not of the program: a full disk, a quota, a file-size limit, a failing device
+STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                  errno.EFBIG: "a file grew past the size limit", errno.EIO: "an input/output error"}
 
 
 class UserError(Exception):
@@ -18,6 +23,12 @@ def run_cli(body: Callable[[], int], user_errors: tuple[type[Exception], ...] = 
     except user_errors as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise
+        print(f"error: {STORAGE_ERRORS[error.errno]}: {error.filename or ''} {error.strerror}".replace("  ", " "),
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130

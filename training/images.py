@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -34,9 +35,9 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """uint8 tensor (3, size, size): first frame, EXIF orientation applied, RGB, shorter side resized to
     `size` and centre-cropped. Raises BadImage for anything unusable."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _open_regular_file(path) as file:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise BadImage(f"{image.width}x{image.height} pixels is over the {MAX_PIXELS} limit")
                 image.seek(0)
@@ -52,6 +53,20 @@ def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
             EOFError) as error:
         raise BadImage(f"{type(error).__name__}: {error}") from error
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+
+
+def _open_regular_file(path: str | os.PathLike):
+    """A binary file object, opened without blocking (a FIFO named x.png would otherwise hang the reader forever)
+    and refused unless it is a regular file."""
+    file = open(path, "rb", opener=lambda name, flags: os.open(name, flags | os.O_NONBLOCK))
+    try:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise BadImage("not a regular file")
+        os.set_blocking(file.fileno(), True)
+        return file
+    except BaseException:
+        file.close()
+        raise
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -5,6 +5,7 @@ backbone features (what the latent layer reads) are kept for Euclidean re-rankin
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from training import backbones  # noqa: F401  (registers the CIFAR-native backbones with timm)
@@ -181,10 +182,50 @@ def atomic_write(path: Path, write) -> None:
         tmp_path.unlink(missing_ok=True)
 
 
-def _fingerprint(weights_file: Path, config: dict) -> str:
-    digest = hashlib.sha256(weights_file.read_bytes())
+def _fingerprint(weights: bytes, config: dict) -> str:
+    digest = hashlib.sha256(weights)
     digest.update(json.dumps({k: v for k, v in config.items() if k != "fingerprint"}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+MAX_INPUT_SIZE = 2048  # pixels per side: a 2048x2048 batch of 256 is already 3 GB of uint8
+
+
+def check_model_config(config: dict, where: Path) -> None:
+    """Every field of config.json known, of its type and within bounds: the file is what a user can edit, and a
+    wrong value (an input size of 100,000) must be one clear error, not a process killed for memory."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | {"fingerprint"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown fields {', '.join(map(str, unknown))}")
+
+    def fail(name: str, expected: str) -> None:
+        raise UserError(f"{where}: {name} must be {expected}, got {config.get(name)!r}")
+
+    def integer(name: str, low: int, high: int) -> None:
+        if type(config.get(name)) is not int or not low <= config[name] <= high:
+            fail(name, f"an integer in [{low}, {high}]")
+
+    if not isinstance(config.get("backbone"), str) or not config["backbone"]:
+        fail("backbone", "a timm model name")
+    integer("bits", 1, 4096)
+    integer("input_size", 8, MAX_INPUT_SIZE)
+    integer("feature_dim", 0, 65536)
+    names = config.get("class_names")
+    if not isinstance(names, list) or not 2 <= len(names) <= 1_000_000 or not all(isinstance(n, str) for n in names):
+        fail("class_names", "a list of at least two strings")
+    for name in ("mean", "std"):
+        values = config.get(name, IMAGENET_MEAN)
+        if (not isinstance(values, (list, tuple)) or len(values) != 3
+                or not all(type(v) in (int, float) and np.isfinite(v) for v in values)
+                or name == "std" and min(values) <= 0):
+            fail(name, "three finite numbers" + (", all positive" if name == "std" else ""))
+    if not isinstance(config.get("mirror_average", False), bool):
+        fail("mirror_average", "true or false")
+    if not isinstance(config.get("extra", {}), dict):
+        fail("extra", "an object")
+    if config.get("fingerprint") is not None and not isinstance(config["fingerprint"], str):
+        fail("fingerprint", "a string")
 
 
 def save_model(model: HashingNet, directory: str | os.PathLike) -> str:
@@ -195,7 +236,7 @@ def save_model(model: HashingNet, directory: str | os.PathLike) -> str:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(weights, lambda p: save_file(state, str(p)))
     config = asdict(model.config)
-    config["fingerprint"] = _fingerprint(weights, config)
+    config["fingerprint"] = _fingerprint(weights.read_bytes(), config)
     atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return config["fingerprint"]
 
@@ -206,28 +247,41 @@ def read_model_config(directory: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"{directory} is not a latenthash model directory (no config.json)")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read {path}: {error}") from error
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a JSON object")
     version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version > FORMAT_VERSION:
         raise UserError(f"{path} has model format version {version}; this latenthash reads up to "
                         f"{FORMAT_VERSION}: upgrade latenthash")
+    check_model_config(config, path)
     return config
 
 
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> HashingNet:
-    """A saved model in eval mode, encoding exactly as when it was saved; `model.fingerprint` is set."""
+    """A saved model in eval mode, encoding exactly as when it was saved; `model.fingerprint` is set, recomputed
+    from the weights and config actually read, and checked against the stored one: a model changed after it was
+    saved would otherwise give its catalogs silently wrong answers."""
     directory = Path(directory)
     stored = read_model_config(directory)
     fingerprint = stored.pop("fingerprint", None)
+    weights = directory / "model.safetensors"
+    try:
+        raw = weights.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read weights {weights}: {error.strerror or error}") from None
+    actual = _fingerprint(raw, stored)
+    if fingerprint is not None and fingerprint != actual:
+        raise UserError(f"{directory}: model.safetensors or config.json changed since the model was saved "
+                        f"(fingerprint {actual}, recorded {fingerprint}); restore them or retrain")
     config = ModelConfig(**{k: (tuple(v) if k in ("mean", "std") else v) for k, v in stored.items()})
     check_backbone_name(config.backbone)
     model = HashingNet(config, timm.create_model(config.backbone, pretrained=False, num_classes=0))
-    weights = directory / "model.safetensors"
     try:
-        model.load_state_dict(load_file(str(weights)))
+        model.load_state_dict(load(raw))
     except Exception as error:
         raise UserError(f"cannot load weights {weights}: {error}") from error
-    model.fingerprint = fingerprint or _fingerprint(weights, stored)
+    model.fingerprint = actual
     return model.to(device).eval()

@@ -1,0 +1,126 @@
+"""What a catalog records about how its items were made: engine.json (the model, the code maker, the image
+folders it indexed) and each item's id and metadata. Read by build-index, queries and export alike.
+
+Everything here is read from files a user (or an attacker) can edit, so each field is checked, and a catalog's
+own files are only looked up inside the catalog folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from shards import CatalogError
+from training.hashers import HASHERS
+
+ENGINE_FILE = "engine.json"
+CODE_MAKER_FILE = "code-maker.safetensors"
+CODES = ("latent", *HASHERS)
+
+
+@dataclass
+class EngineRecord:
+    model_dir: str | None = None
+    model_fingerprint: str | None = None
+    codes: str = "latent"
+    code_maker: str | None = None  # a file name inside the catalog folder
+    image_roots: list[str] = field(default_factory=list)  # folders whose images items may show
+
+    def check(self, where: Path) -> None:
+        for name in ("model_dir", "model_fingerprint", "code_maker"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise CatalogError(f"{where}: {name} must be a string or null")
+        if self.codes not in CODES:
+            raise CatalogError(f"{where}: codes must be one of {', '.join(CODES)}, not {self.codes!r}")
+        if self.code_maker is not None and (Path(self.code_maker).name != self.code_maker
+                                            or self.code_maker in ("", ".", "..")):
+            raise CatalogError(f"{where}: code_maker must be a file name inside the catalog folder, "
+                               f"not {self.code_maker!r}")
+        if not isinstance(self.image_roots, list) or not all(isinstance(r, str) for r in self.image_roots):
+            raise CatalogError(f"{where}: image_roots must be a list of folder paths")
+
+
+def read_record(catalog_dir: str | os.PathLike) -> EngineRecord | None:
+    """engine.json of a catalog, checked (None if the catalog has none)."""
+    path = Path(catalog_dir) / ENGINE_FILE
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+        unknown = sorted(set(stored) - {f.name for f in fields(EngineRecord)})
+        if unknown:
+            raise ValueError(f"unknown fields {', '.join(unknown)}")
+        record = EngineRecord(**stored)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
+        raise CatalogError(f"{path}: damaged ({error})") from None
+    record.check(path)
+    return record
+
+
+def write_record(catalog_dir: str | os.PathLike, record: EngineRecord) -> None:
+    path = Path(catalog_dir) / ENGINE_FILE
+    record.check(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise CatalogError(f"{path}: could not be written ({error.strerror or error})") from error
+
+
+def code_maker_file(catalog_dir: str | os.PathLike, record: EngineRecord) -> Path | None:
+    """The catalog's code maker file, which must be a regular file inside the catalog folder."""
+    if record.code_maker is None:
+        return None
+    folder = Path(catalog_dir).resolve()
+    path = (folder / record.code_maker).resolve()
+    if path.parent != folder or not path.is_file():
+        raise CatalogError(f"{Path(catalog_dir) / ENGINE_FILE}: its code maker {record.code_maker!r} is not a "
+                           "file in the catalog folder")
+    return path
+
+
+def item_id(path: str | os.PathLike) -> int:
+    """A stable 63-bit id from the absolute path's bytes (any file name, UTF-8 or not)."""
+    return int.from_bytes(hashlib.blake2b(os.fsencode(path), digest_size=8).digest(), "big") >> 1
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as text that can always be stored and printed: bytes that are not UTF-8 become \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def label_of(path: Path, root: Path) -> str | None:
+    """The first subfolder under the root is the label (class) when the layout has one."""
+    parts = path.relative_to(root).parts
+    return display_path(parts[0]) if len(parts) > 1 else None
+
+
+def regular_file_status(path: str | os.PathLike) -> os.stat_result:
+    """stat() of a path that must be a regular file (after symlinks); OSError says why not (dangling or looping
+    link, FIFO, device, folder), so one odd directory entry is reported instead of hanging or sinking a build."""
+    status = os.stat(path)
+    if not stat.S_ISREG(status.st_mode):
+        raise OSError(f"not a regular file ({stat.filemode(status.st_mode)[0]!r} entry)")
+    return status
+
+
+def item_image(path: str | None, roots: list[str]) -> Path | None:
+    """An item's image file, if it is a regular file inside one of the catalog's image folders: metadata is data
+    anyone can import, and must not make a page or a service read any file on the machine."""
+    if not path or not roots:
+        return None
+    try:
+        real = Path(os.path.realpath(path))
+        if any(real.is_relative_to(os.path.realpath(root)) for root in roots):
+            regular_file_status(real)
+            return real
+    except (OSError, ValueError):
+        pass
+    return None

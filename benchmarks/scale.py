@@ -105,6 +105,22 @@ def search_phase(path: Path, threads: int, import_torch: bool, queries: int) -> 
         ours, theirs = interleaved(lambda: catalog.coarse(one, m=1000), lambda: bare.search(padded[:1], 1000))
         result["coarse_1q_ms"], result["bare_faiss_1q_ms"] = 1000 * ours, 1000 * theirs
         result["coarse_vs_bare"] = ours / theirs
+    # What the read-time integrity check costs: every returned item's code and feature row checked against its
+    # CRC-32, timed alternately against the same search with the check switched off.
+    check = catalog._check_rows
+    q = query_codes[1:2], query_features[1:2]
+
+    def unchecked():
+        catalog._check_rows = lambda ids, rows: None
+        catalog.search(*q, k=10, pool=1000)
+        catalog._check_rows = check
+
+    checked, bare_search = interleaved(lambda: catalog.search(*q, k=10, pool=1000), unchecked)
+    result["two_stage_checked_ms"], result["two_stage_unchecked_ms"] = 1000 * checked, 1000 * bare_search
+    begin = time.perf_counter()
+    problems = list(catalog.verify())
+    result["verify_items_per_s"] = len(catalog) / (time.perf_counter() - begin)
+    result["verify_problems"] = len(problems)
     result["peak_rss_mib"] = peak_rss_mib()
     catalog.close()
     return result
@@ -177,15 +193,16 @@ def main() -> None:
         shutil.rmtree(path)
     print("\n| bits | shards | threads | torch | add items/s | open s | disk MiB | RSS MiB | coarse 1q ms | bare Faiss "
           "1q ms | ratio 1q | coarse batch ms/q | bare batch ms/q | first search ms | two-stage 1q ms (p90) | "
-          "two-stage batch ms/q |")
-    print("|" + "---|" * 16)
+          "two-stage batch ms/q | checked / unchecked 1q ms | verify items/s |")
+    print("|" + "---|" * 18)
     for r in rows:
         print(f"| {r['bits']} | {r['shards']} | {r['threads']} | {'yes' if r['torch'] else 'no'} | "
               f"{r['add_items_per_s']:,.0f} | {r['open_s']:.3f} | {r['disk_mib']:,.0f} | {r['peak_rss_mib']:,.0f} | "
               f"{r['coarse_1q_ms']:.2f} | {r['bare_faiss_1q_ms']:.2f} | {r['coarse_vs_bare']:.2f} | "
               f"{r['coarse_batch_ms_per_q']:.3f} | {r['bare_faiss_batch_ms_per_q']:.3f} | "
               f"{r['first_search_ms']:.0f} | {r['two_stage_1q_ms']:.2f} ({r['two_stage_1q_p90_ms']:.2f}) | "
-              f"{r['two_stage_batch_ms_per_q']:.2f} |")
+              f"{r['two_stage_batch_ms_per_q']:.2f} | {r['two_stage_checked_ms']:.2f} / "
+              f"{r['two_stage_unchecked_ms']:.2f} | {r['verify_items_per_s']:,.0f} |")
 
 
 if __name__ == "__main__":

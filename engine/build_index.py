@@ -14,19 +14,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
-from engine.encode import Encoder, encode_files, load_encoder
+import numpy as np
+
 from engine.errors import run_cli
 from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, label_of, read_record,
                            regular_file_status, write_record)
-from shards import Catalog
-from training.errors import UserError
+from training.errors import UserError, program_name
 from training.hashers import SUPERVISED, fit_hasher, save_hasher
 from training.images import list_images
-from training.model import load_model, pick_device
+
+if TYPE_CHECKING:  # the modules that import torch and Faiss load when a build starts, not for --help
+    from engine.encode import Encoder
+    from shards import Catalog
 
 REPORT_FILE = "build-report.json"
 
@@ -45,6 +46,8 @@ class BuildSummary:
 
 
 def open_or_create_catalog(catalog_dir: Path, encoder: Encoder, shards: int, index: str) -> Catalog:
+    from shards import Catalog
+
     if (catalog_dir / "manifest.json").exists():
         catalog = Catalog.open(catalog_dir, readonly=False, model_fingerprint=encoder.fingerprint)
         if catalog.bits != encoder.bits or catalog.manifest.feature_dim != encoder.feature_dim:
@@ -61,6 +64,11 @@ def fit_code_maker(model, method: str, bits: int, files: list[Path], root: Path,
                    workers: int | None, progress: bool) -> Encoder:
     """Fit `method` on the features of up to `samples` images (a seeded random subset; labels from the
     subfolders for the supervised makers)."""
+    import torch
+    from tqdm import tqdm
+
+    from engine.encode import Encoder, encode_files
+
     picked = sorted(np.random.default_rng(0).permutation(len(files))[:samples].tolist())
     sample = [files[p] for p in picked]
     labels = [label_of(f, root) for f in sample]
@@ -89,6 +97,19 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     root = Path(image_dir).resolve()
     if not root.is_dir():
         raise UserError(f"image directory {image_dir} does not exist or is not a directory")
+    for name, value in (("shards", shards), ("batch size", batch_size), ("fit samples", fit_samples)):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if code_bits is not None and not 1 <= code_bits <= 4096:
+        raise UserError(f"code bits must be in [1, 4096], got {code_bits}")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"{model_dir} is not a latenthash model directory (no config.json)")
+    import torch
+    from tqdm import tqdm
+
+    from engine.encode import Encoder, encode_files, load_encoder
+    from training.model import load_model, pick_device, read_model_config
+
     listed = list_images(root)
     if not listed:
         raise UserError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
@@ -118,7 +139,8 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         write_record(catalog_dir, EngineRecord(
             model_dir=str(Path(model_dir).resolve()), model_fingerprint=encoder.model.fingerprint,
             codes=encoder.codes, code_maker=CODE_MAKER_FILE if encoder.hasher is not None else None,
-            image_roots=roots + [str(root)] * (str(root) not in roots)))
+            image_roots=roots + [str(root)] * (str(root) not in roots),
+            model_config=read_model_config(model_dir)))
         ids = np.array([item_id(f) for f in files], dtype=np.int64)
         todo, changed = [], []
         known = catalog.metadata(ids) if len(catalog) else [None] * len(ids)
@@ -187,7 +209,7 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="build-index", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program_name("engine.build_index"), description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image_dir", help="directory of images, searched recursively")
     parser.add_argument("--model", required=True, help="model directory written by training.train")

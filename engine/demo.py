@@ -15,17 +15,19 @@ import numpy as np
 
 from engine.build_index import build_index
 from engine.errors import run_cli
-from engine.record import read_record
-from engine.metrics import retrieval_metrics, two_stage_metrics
+from training.errors import program_name
 from engine.query import format_table
-from engine.report import write_html
-from engine.search import Searcher
+from engine.record import read_record
 from engine.synthetic import CLASSES, make_image_folder
 from training.train import TrainConfig, train
 
 
 def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, bits: int, backbone: str,
              seed: int) -> dict:
+    from engine.metrics import retrieval_metrics, two_stage_metrics
+    from engine.report import write_html
+    from engine.search import Searcher
+
     started = time.perf_counter()
     if out.exists():
         shutil.rmtree(out)
@@ -63,7 +65,8 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
     page = out / "results.html"
     write_html(page, [str(query_files[i]) for i in range(0, len(query_files), queries_per_class)],
                [results[i] for i in range(0, len(query_files), queries_per_class)], "latenthash demo",
-               read_record(out / "catalog").image_roots)
+               read_record(out / "catalog").image_roots,
+               [query_files[i].parent.name for i in range(0, len(query_files), queries_per_class)])
     report = dict(val_acc=summary.get("val_acc"), precision_at_10=float(precision), map_hamming=float(hamming_map),
                   map_two_stage=float(two_stage_map), seconds=time.perf_counter() - started)
     print()
@@ -76,7 +79,7 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.demo", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program_name("engine.demo"), description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="example:\n  python -m engine.demo --out /tmp/latenthash-demo --epochs 4")
     parser.add_argument("--out", default="latenthash-demo", help="output directory, replaced (default %(default)s)")

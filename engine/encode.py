@@ -127,7 +127,9 @@ def load_encoder(catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | 
     record = read_record(catalog_dir)
     model_dir = model_dir or (record.model_dir if record is not None else None)
     if model_dir is None:
-        raise UserError(f"{catalog_dir} records no model; pass --model MODEL_DIR")
+        made_by = f"its codes were made by {record.model_description()}; " if record is not None else ""
+        raise UserError(f"{catalog_dir} records no model directory ({made_by}pass --model MODEL_DIR, or record it "
+                        "with engine.export --import FILE --model MODEL_DIR)")
     model = load_model(model_dir, device=pick_device(device))
     maker = code_maker_file(catalog_dir, record) if record is not None else None
     return Encoder(model, load_hasher(maker) if maker is not None else None)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from shards import CatalogError
+from shards.errors import CatalogError
 from training.errors import UserError
 from training.errors import run_cli as _run_cli
 

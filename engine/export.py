@@ -1,39 +1,62 @@
 """HDF5 export and import of a catalog's items: `python -m engine.export --catalog DIR --out FILE.h5`.
 
 Datasets `ids`, `codes` (packed uint8), `features`, `labels` (-1 where none; names in attribute `label_names`),
-`paths` (UTF-8); attributes `bits` and `model_fingerprint`. `--import FILE.h5` bulk-loads such a file, so codes
-computed elsewhere (a GPU box, a cluster) can be indexed here.
+`paths` (UTF-8), and `code_maker` (the code maker's safetensors bytes, for `--codes` other than latent);
+attributes `bits`, `model_fingerprint` and `engine` (JSON: codes, code maker, the model's fingerprint and
+config), so that an imported copy answers queries exactly as the original, given the model's weights.
+`--import FILE.h5` bulk-loads such a file, so codes computed elsewhere (a GPU box, a cluster) can be indexed here.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import h5py
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tqdm import tqdm
 
 from engine.errors import run_cli
-from shards import Catalog
-from shards.catalog import MAX_BITS, MAX_FEATURE_DIM
-from shards.codes import code_bytes
-from training.errors import UserError
+from engine.record import (CODE_MAKER_FILE, ENGINE_FILE, EngineRecord, code_maker_file, parse_record, read_record,
+                           write_record)
+from shards.codes import MAX_BITS, MAX_FEATURE_DIM, code_bytes
+from training.errors import UserError, program_name
+from training.files import atomic_write
+
+if TYPE_CHECKING:  # h5py, tqdm and Faiss load when an export or import starts, not for --help
+    import h5py
+    from tqdm import tqdm
+
+    from shards import Catalog
 
 BATCH = 50_000
 
 
 def export_catalog(catalog_dir: str | os.PathLike, out: str | os.PathLike, progress: bool = True) -> int:
     """Write every item of the catalog to an HDF5 file; returns the item count."""
+    import h5py
+    from tqdm import tqdm
+
+    from shards import Catalog
+
+    record = read_record(catalog_dir)
     with Catalog.open(catalog_dir, readonly=True) as catalog:
         n, manifest = len(catalog), catalog.manifest
         label_names: dict[str, int] = {}
         with h5py.File(out, "w") as f:
             f.attrs["bits"] = manifest.bits
             f.attrs["model_fingerprint"] = manifest.model_fingerprint or ""
+            if record is not None:  # what a query needs besides the model's weights: the copy is self-contained
+                carried = EngineRecord(model_fingerprint=record.model_fingerprint, codes=record.codes,
+                                       code_maker=record.code_maker, model_config=record.model_config)
+                f.attrs["engine"] = json.dumps(asdict(carried))
+                maker = code_maker_file(catalog_dir, record)
+                if maker is not None:
+                    f.create_dataset("code_maker", data=np.frombuffer(maker.read_bytes(), np.uint8))
             ids = f.create_dataset("ids", (n,), dtype=np.int64)
             codes = f.create_dataset("codes", (n, manifest.layout.code_bytes), dtype=np.uint8)
             features = f.create_dataset("features", (n, manifest.feature_dim), dtype=manifest.feature_dtype)
@@ -67,6 +90,8 @@ _DATASETS = ("ids", "codes", "features", "labels", "paths")
 def _dataset(f: h5py.File, name: str, file: Path) -> h5py.Dataset | None:
     """A dataset stored inside this file: links to other files or objects, external raw storage (bytes of
     another local file) and virtual datasets are refused, so an import copies nothing from elsewhere."""
+    import h5py
+
     link = f.get(name, getlink=True)
     if link is None:
         return None
@@ -83,6 +108,8 @@ def _dataset(f: h5py.File, name: str, file: Path) -> h5py.Dataset | None:
 def _check_import(f: h5py.File, file: Path, max_items: int | None) -> tuple[int, int, int]:
     """Everything an import can check before it writes: datasets, shapes, types, ids, finite features, size.
     Returns (items, bits, feature dim)."""
+    import h5py
+
     data = {name: _dataset(f, name, file) for name in _DATASETS}
     missing = [d for d in ("ids", "codes", "features") if data[d] is None]
     if missing or "bits" not in f.attrs:
@@ -135,10 +162,40 @@ def _same(item, code: np.ndarray, features: np.ndarray, meta: dict, dtype: str) 
             and stored.get("path") == meta["path"] and stored.get("label") == meta["label"])
 
 
+def _carried_record(f: h5py.File, file: Path, fingerprint: str | None,
+                    model_dir: str | os.PathLike | None) -> tuple[EngineRecord, bytes | None]:
+    """The engine record and code maker an export carries, with `model_dir` checked against the fingerprint of
+    the codes and recorded, so that queries on the copy need no flags."""
+    record = parse_record(f.attrs["engine"], file) if "engine" in f.attrs else EngineRecord(
+        model_fingerprint=fingerprint.split("+")[0] if fingerprint else None)
+    maker = _dataset(f, "code_maker", file)
+    if record.code_maker is not None and maker is None:
+        raise UserError(f"{file}: its codes need the code maker {record.code_maker}, which the file lacks")
+    record.code_maker = CODE_MAKER_FILE if maker is not None else None
+    if model_dir is not None:
+        from training.model import load_model, read_model_config  # torch: only when a model is to be checked
+
+        model = load_model(model_dir)
+        if record.model_fingerprint not in (None, model.fingerprint):
+            raise UserError(f"--model {model_dir} (fingerprint {model.fingerprint}) did not make the codes in "
+                            f"{file} ({record.model_description()})")
+        record.model_dir, record.model_fingerprint = str(Path(model_dir).resolve()), model.fingerprint
+        record.model_config = read_model_config(model_dir)
+    return record, (maker[:].tobytes() if maker is not None else None)
+
+
 def import_hdf5(file: str | os.PathLike, catalog_dir: str | os.PathLike, shards: int = 4, index: str = "flat",
-                progress: bool = True, max_items: int | None = None) -> ImportSummary:
+                progress: bool = True, max_items: int | None = None,
+                model_dir: str | os.PathLike | None = None) -> ImportSummary:
     """Bulk-load an HDF5 file (the export format) into a catalog, creating it if needed. Resumable: ids already
-    in the catalog with the same content are skipped, ids with other content are kept and reported."""
+    in the catalog with the same content are skipped, ids with other content are kept and reported. What a query
+    needs besides the model's weights (code maker, fingerprint, the model's config) comes with the file;
+    `model_dir`, checked against the codes' fingerprint, is recorded so that queries need no --model."""
+    import h5py
+    from tqdm import tqdm
+
+    from shards import Catalog
+
     file, catalog_dir = Path(file), Path(catalog_dir)
     if not file.is_file():
         raise UserError(f"no such HDF5 file: {file}")
@@ -149,6 +206,7 @@ def import_hdf5(file: str | os.PathLike, catalog_dir: str | os.PathLike, shards:
     with f:
         n, bits, dim = _check_import(f, file, max_items)
         fingerprint = str(f.attrs.get("model_fingerprint", "")) or None
+        record, maker = _carried_record(f, file, fingerprint, model_dir)
         names = [str(name) for name in np.atleast_1d(f.attrs.get("label_names", []))]
         creating, existed = not (catalog_dir / "manifest.json").exists(), catalog_dir.exists()
         if creating:
@@ -167,6 +225,10 @@ def import_hdf5(file: str | os.PathLike, catalog_dir: str | os.PathLike, shards:
         summary = ImportSummary()
         try:
             with catalog, tqdm(total=n, desc="importing", unit="item", disable=not progress) as bar:
+                if creating or model_dir is not None or read_record(catalog_dir) is None:
+                    if maker is not None:
+                        atomic_write(catalog_dir / CODE_MAKER_FILE, lambda p: p.write_bytes(maker))
+                    write_record(catalog_dir, record)
                 _import_batches(f, catalog, names, bar, summary)
         except BaseException:
             if creating and summary.added == 0:  # refused before its first write: leave no catalog behind
@@ -182,7 +244,7 @@ def _remove_catalog(catalog_dir: Path, keep_folder: bool) -> None:
     for path in catalog_dir.iterdir():
         if path.name.startswith("shard-"):
             shutil.rmtree(path, ignore_errors=True)
-        elif path.name in ("manifest.json", "writer.lock", "commit.lock"):
+        elif path.name in ("manifest.json", "writer.lock", "commit.lock", ENGINE_FILE, CODE_MAKER_FILE):
             path.unlink(missing_ok=True)
 
 
@@ -213,12 +275,13 @@ def _import_batches(f: h5py.File, catalog: Catalog, names: list[str], bar: tqdm,
 
 EXAMPLES = """examples:
   python -m engine.export --catalog catalogs/shop --out shop.h5
-  python -m engine.export --import shop.h5 --catalog catalogs/shop-copy --shards 8
+  python -m engine.export --import shop.h5 --catalog catalogs/shop-copy --shards 8 --model models/shop48
+  python -m engine.export --import shop.h5 --catalog catalogs/shop-copy   # a killed import: run it again
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.export", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program_name("engine.export"), description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalog", required=True, help="catalog directory to export (or to import into)")
     action = parser.add_mutually_exclusive_group(required=True)
@@ -227,14 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", type=int, default=4, help="shards, when --import creates the catalog")
     parser.add_argument("--index", choices=("flat", "hash"), default="flat")
     parser.add_argument("--max-items", type=int, help="refuse an import of more items than this")
+    parser.add_argument("--model", help="with --import: the model that made the codes; checked against them and "
+                        "recorded, so queries need no --model")
     args = parser.parse_args(argv)
 
     def body() -> int:
+        if args.model and args.out:
+            raise UserError("--model goes with --import (the model to record in the imported catalog)")
         if args.out:
             n = export_catalog(args.catalog, args.out)
             print(f"exported {n} items to {args.out}")
         else:
-            summary = import_hdf5(args.import_file, args.catalog, args.shards, args.index, max_items=args.max_items)
+            summary = import_hdf5(args.import_file, args.catalog, args.shards, args.index, max_items=args.max_items,
+                                  model_dir=args.model)
             print(f"imported {summary.added} items into {args.catalog}"
                   + (f" ({summary.unchanged} already there)" if summary.unchanged else ""))
             if summary.conflicts:

@@ -11,11 +11,14 @@ import re
 import sys
 from dataclasses import asdict
 
+from typing import TYPE_CHECKING
+
 from engine.errors import run_cli
 from engine.record import read_record
-from engine.report import write_html
-from engine.search import Result, Searcher
-from training.errors import UserError
+from training.errors import UserError, program_name
+
+if TYPE_CHECKING:
+    from engine.search import Result
 
 EXAMPLES = """examples:
   python -m engine.query --catalog catalogs/shop shoe.jpg
@@ -44,7 +47,7 @@ def format_table(query: str, results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.query", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program_name("engine.query"), description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", help="query image files (an indexed path is read from the catalog)")
     parser.add_argument("--catalog", required=True, help="catalog directory made by build-index")
@@ -62,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not args.images and not args.id:
             raise UserError("give at least one query image or --id")
+        from engine.report import write_html
+        from engine.search import Searcher
+
         with Searcher(args.catalog, args.model, args.device) as searcher:
             queries, results = [], []
             if args.images:
@@ -70,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.id:
                 queries += [f"id:{i}" for i in args.id]
                 results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank)
+            labels = searcher.query_labels(args.images, args.id)
         if args.json:
             print(json.dumps([{"query": q, "results": [asdict(r) for r in rs]} for q, rs in zip(queries, results)],
                              indent=2))
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.html:
             record = read_record(args.catalog)
             write_html(args.html, queries, results, f"latenthash: {args.catalog}",
-                       record.image_roots if record is not None else [])
+                       record.image_roots if record is not None else [], labels)
             print(f"wrote {args.html}", file=sys.stderr)
         return 0
 

@@ -13,7 +13,7 @@ import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from shards import CatalogError
+from shards.errors import CatalogError
 from training.hashers import HASHERS
 
 ENGINE_FILE = "engine.json"
@@ -28,6 +28,7 @@ class EngineRecord:
     codes: str = "latent"
     code_maker: str | None = None  # a file name inside the catalog folder
     image_roots: list[str] = field(default_factory=list)  # folders whose images items may show
+    model_config: dict | None = None  # the model's config.json: which model a query needs, where it is not here
 
     def check(self, where: Path) -> None:
         for name in ("model_dir", "model_fingerprint", "code_maker"):
@@ -41,6 +42,14 @@ class EngineRecord:
                                f"not {self.code_maker!r}")
         if not isinstance(self.image_roots, list) or not all(isinstance(r, str) for r in self.image_roots):
             raise CatalogError(f"{where}: image_roots must be a list of folder paths")
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise CatalogError(f"{where}: model_config must be an object")
+
+    def model_description(self) -> str:
+        """Which model made the codes, in words, for an error that asks the user for it."""
+        config = self.model_config or {}
+        what = ", ".join(f"{k} {config[k]}" for k in ("backbone", "bits") if k in config)
+        return f"model {self.model_fingerprint}" + (f" ({what})" if what else "")
 
 
 def read_record(catalog_dir: str | os.PathLike) -> EngineRecord | None:
@@ -49,14 +58,23 @@ def read_record(catalog_dir: str | os.PathLike) -> EngineRecord | None:
     if not path.is_file():
         return None
     try:
-        stored = json.loads(path.read_bytes().decode("utf-8"))
+        return parse_record(path.read_bytes(), path)
+    except OSError as error:
+        raise CatalogError(f"{path}: damaged ({error})") from None
+
+
+def parse_record(raw: bytes | str, where: Path) -> EngineRecord:
+    """An engine record from its JSON text, every field checked."""
+    path = where
+    try:
+        stored = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
         if not isinstance(stored, dict):
             raise ValueError("not a JSON object")
         unknown = sorted(set(stored) - {f.name for f in fields(EngineRecord)})
         if unknown:
             raise ValueError(f"unknown fields {', '.join(unknown)}")
         record = EngineRecord(**stored)
-    except (OSError, UnicodeDecodeError, ValueError, TypeError) as error:
+    except (UnicodeDecodeError, ValueError, TypeError) as error:
         raise CatalogError(f"{path}: damaged ({error})") from None
     record.check(path)
     return record

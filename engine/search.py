@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.encode import Encoder, load_encoder
-from engine.record import item_id
+from engine.record import item_id, read_record
 from shards import Catalog, CatalogError, Hits
 from training.errors import UserError
 from training.images import BadImage, load_image
@@ -68,6 +68,10 @@ class Searcher:
     def encode(self, images: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
         """Codes and features of image files (a file already indexed is read from the catalog, not re-encoded)."""
         paths = [Path(p).resolve() for p in images]
+        folders = [str(p) for p in paths if p.is_dir()]
+        if folders:
+            raise UserError(f"{', '.join(folders)}: a folder; give image files to query with (build-index "
+                            "indexes folders)")
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise UserError(f"query image not found: {', '.join(missing)}")
@@ -126,6 +130,17 @@ class Searcher:
         codes = np.stack([item.code for item in items])
         features = np.stack([item.features for item in items])
         return self.search_codes(codes, features, k, pool, radius, rerank)
+
+    def query_labels(self, images: Sequence[str | os.PathLike] = (), ids: Sequence[int] = ()) -> list[str | None]:
+        """Each query's label where it is known: an indexed image's or item's own label, else the name of the
+        image's folder when that names one of the model's classes."""
+        record = read_record(self.catalog_dir)
+        classes = set((record.model_config or {}).get("class_names", [])) if record is not None else set()
+        keys = [item_id(Path(p).resolve()) for p in images] + list(ids)
+        stored = self.catalog.metadata(np.asarray(keys, dtype=np.int64)) if keys else []
+        folders = [Path(p).resolve().parent.name for p in images] + [None] * len(ids)
+        return [str(meta["label"]) if meta and meta.get("label") is not None
+                else folder if folder in classes else None for meta, folder in zip(stored, folders)]
 
     def _results(self, hits: Hits) -> list[Result]:
         metas = self.catalog.metadata(hits.ids)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import run_cli
-from shards import Catalog, CatalogError
-from shards.catalog import Manifest
+from training.errors import program_name
+from shards.errors import CatalogError
 
 
 @dataclass
@@ -38,6 +38,8 @@ class Report:
 
 def verify_catalog(catalog_dir: str | os.PathLike, repair: bool = False) -> Report:
     """Every problem found in the catalog; with `repair`, what was done about them."""
+    from shards.catalog import Catalog, Manifest
+
     Manifest.read(Path(catalog_dir))  # not a catalog at all: the caller's mistake, raised as is
     report = Report()
     try:
@@ -68,7 +70,7 @@ EXAMPLES = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
+    parser = argparse.ArgumentParser(prog=program_name("engine.verify"), description=__doc__.split("\n\n")[0], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--catalog", required=True, help="catalog directory to check")
     parser.add_argument("--repair", action="store_true",

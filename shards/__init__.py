@@ -1,7 +1,19 @@
-"""Storage and search: sharded Faiss binary indices with features, kept in LMDB."""
-from shards.catalog import Catalog, Hits, Item, Manifest
-from shards.codes import hamming_distances, pad_codes
-from shards.errors import CatalogError, DuplicateIdError
+"""Storage and search: sharded Faiss binary indices with features, kept in LMDB.
 
-__all__ = ["Catalog", "CatalogError", "DuplicateIdError", "Hits", "Item", "Manifest", "hamming_distances",
-           "pad_codes"]
+Names are loaded on first use (PEP 562), so that importing `shards.errors` does not import Faiss: command-line
+tools answer `--help` without loading their heavy dependencies.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"Catalog": "shards.catalog", "Hits": "shards.catalog", "Item": "shards.catalog",
+            "Manifest": "shards.catalog", "hamming_distances": "shards.codes", "pad_codes": "shards.codes",
+            "CatalogError": "shards.errors", "DuplicateIdError": "shards.errors"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'shards' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

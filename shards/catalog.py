@@ -19,8 +19,8 @@ import faiss
 import msgpack
 import numpy as np
 
-from shards.codes import pad_codes
-from shards.errors import CatalogError, DuplicateIdError
+from shards.codes import MAX_BITS, MAX_FEATURE_DIM, pad_codes
+from shards.errors import CatalogError, DuplicateIdError, WriterBusyError
 from shards.index import CodeIndex, find_sorted, make_faiss_index
 from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, INDEX_TYPES, Shard, ShardLayout, gather_rows, row_checksums
 
@@ -30,7 +30,7 @@ WRITER_LOCK = "writer.lock"
 COMMIT_LOCK = "commit.lock"
 FORMAT = "latenthash-catalog"
 FORMAT_VERSION = 3  # 2: features in slot-addressed blocks; 3: item checksums and shard layout records
-MAX_BITS, MAX_FEATURE_DIM, MAX_SHARDS = 4096, 65536, 4096
+MAX_SHARDS = 4096
 _pack = msgpack.Packer(use_bin_type=True).pack  # metadata format: msgpack, ~10x faster than json here
 
 # Lock files this process holds. A forked child (a decoding worker) gets copies of their descriptors, and a
@@ -179,7 +179,7 @@ class Catalog:
         self._merged: CodeIndex | None = None
         self._merged_from: list[CodeIndex] = []
         self._id_order: tuple[list[CodeIndex], np.ndarray] | None = None
-        self._locator: tuple[np.ndarray, np.ndarray] | None = None
+        self._locator: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         if not readonly:
             self._take_writer_lock()
         self.shards: list[Shard] = []
@@ -243,10 +243,10 @@ class Catalog:
         if model_fingerprint is not None and manifest.model_fingerprint not in (None, model_fingerprint):
             raise CatalogError(f"{path / MANIFEST}: made by model {manifest.model_fingerprint}, not "
                                f"{model_fingerprint}; its codes are not comparable")
-        if readonly and (path / JOURNAL).exists():
+        if readonly and (path / JOURNAL).exists() and os.access(path, os.W_OK):
             try:  # a writer died mid-batch: finish its rollback first, unless a live writer holds the catalog
                 cls(path, manifest, readonly=False).close()
-            except (CatalogError, OSError):
+            except WriterBusyError:  # the live writer rolls its own batch back
                 pass
         return cls(path, manifest, readonly, threads)
 
@@ -260,7 +260,7 @@ class Catalog:
         except BlockingIOError:
             self._lock_file.close()
             self._lock_file = None
-            raise CatalogError(f"{self.path / WRITER_LOCK}: another process is writing this catalog") from None
+            raise WriterBusyError(f"{self.path / WRITER_LOCK}: another process is writing this catalog") from None
         _HELD_LOCKS.add(self._lock_file.fileno())
 
     @contextlib.contextmanager
@@ -459,7 +459,7 @@ class Catalog:
         the ids' places in the catalog's id order if known (from the coarse stage), else they are looked up."""
         width = self.manifest.layout.feature_bytes
         if self.readonly:
-            known, addresses = self._feature_locator()
+            known, addresses, _, _ = self._feature_locator()
             if positions is None or len(ids) and (positions.max() >= len(known)
                                                   or not np.array_equal(known[positions], ids)):
                 positions, missing = find_sorted(known, ids)
@@ -475,13 +475,17 @@ class Catalog:
                     raise CatalogError(f"{self.path}: ids not in the catalog: {error.args[0][:10]}") from None
         return rows
 
-    def _feature_locator(self) -> tuple[np.ndarray, np.ndarray]:
-        """A reader's (every id sorted, where its feature row lies in memory): one search and one gather find
-        the rows of a candidate pool across all shards. Built once per snapshot (~0.1 s per million items)."""
+    def _feature_locator(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A reader's (every id sorted, where its feature row lies in memory, its checksum, its code): one search
+        and one gather find the rows of a candidate pool across all shards, and check them. Built once per
+        snapshot (~0.1 s per million items)."""
         if self._locator is None:
             ids, order = self._ids_in_order()
             addresses = np.concatenate([shard.feature_addresses() for shard in self.shards])
-            self._locator = ids, addresses[order]
+            sums = np.concatenate([shard.sums for shard in self.shards])
+            width = self.manifest.layout.code_bytes
+            codes = np.concatenate([shard.code_index.codes[:, :width] for shard in self.shards])
+            self._locator = ids, addresses[order], sums[order], codes[order]
         return self._locator
 
     def _ids_in_order(self) -> tuple[np.ndarray, np.ndarray]:
@@ -504,13 +508,21 @@ class Catalog:
 
     def _check_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Raise if a stored feature row, or the code searched for it, no longer matches the item's checksum."""
-        for shard, positions in zip(self.shards, self._by_shard(ids)):
-            if len(positions):
-                codes, sums = shard.checksums(ids[positions])
-                bad = np.flatnonzero(row_checksums(codes, rows[positions]) != sums)
-                if len(bad):
-                    raise CatalogError(f"{shard.data_file}: items {ids[positions][bad][:10].tolist()} are damaged "
-                                       f"(checksum mismatch); run python -m engine.verify --catalog {self.path}")
+        if self.readonly:
+            known, _, sums, codes = self._feature_locator()
+            positions = find_sorted(known, ids)[0]
+            expected, codes = sums[positions], codes[positions]
+        else:
+            expected = np.empty(len(ids), np.uint32)
+            codes = np.empty((len(ids), self.manifest.layout.code_bytes), np.uint8)
+            for shard, positions in zip(self.shards, self._by_shard(ids)):
+                if len(positions):
+                    codes[positions], expected[positions] = shard.checksums(ids[positions])
+        bad = ids[row_checksums(codes, rows) != expected]
+        if len(bad):
+            shard = self.shards[int(bad[0]) % self.manifest.shard_count]
+            raise CatalogError(f"{shard.data_file}: items {bad[:10].tolist()} are damaged (checksum mismatch); "
+                               f"run python -m engine.verify --catalog {self.path}")
 
     def present(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """A mask of the ids the catalog holds (from the in-memory indices: no disk read)."""

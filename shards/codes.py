@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 WORD_BITS = 64
+MAX_BITS, MAX_FEATURE_DIM = 4096, 65536  # bounds on what a catalog stores, checked wherever one is described
 
 
 def code_bytes(bits: int) -> int:

@@ -7,3 +7,7 @@ class CatalogError(Exception):
 
 class DuplicateIdError(CatalogError):
     """An add named ids that the catalog already holds (or named an id twice)."""
+
+
+class WriterBusyError(CatalogError):
+    """Another process holds the catalog's writer lock."""

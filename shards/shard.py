@@ -70,6 +70,8 @@ class ShardLayout:
 
 def row_checksums(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """CRC-32 of each item's packed code followed by its stored feature bytes."""
+    if len(codes) == 0:
+        return np.empty(0, np.uint32)
     codes = np.ascontiguousarray(codes, np.uint8)
     rows = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
     return np.fromiter((zlib.crc32(r, zlib.crc32(c)) for c, r in zip(codes, rows)), np.uint32, len(codes))
@@ -351,8 +353,8 @@ class Shard:
                     raise CatalogError(f"{self.data_file}: map full and cannot grow while readers of this "
                                        f"process hold snapshots; refresh or close them ({error})") from error
             except lmdb.Error as error:
-                raise CatalogError(f"{self.data_file}: write failed, nothing of it was committed ({error}"
-                                   f"{'; is the disk full?' if isinstance(error, lmdb.DiskError) else ''})") from error
+                raise CatalogError(f"{self.data_file}: write failed, nothing of it was committed ({error}); is the "
+                                   "disk full?") from error
         size, needed = _missing_bytes(self.env, self.data_file)
         if size < needed:  # a page freed in this commit was never written: let readers map a whole file
             os.truncate(self.data_file, needed)

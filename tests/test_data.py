@@ -63,7 +63,7 @@ def test_image_folder_skips_bad_files(tmp_path):
     (tmp_path / "square" / "truncated.png").write_bytes(good[: len(good) // 2])
     data = load_dataset(tmp_path, val_split=0.2)
     assert len(data.train) + len(data.test) == 10
-    assert data.skipped_files == 3
+    assert len(data.skipped) == 3 and all(s["error"] for s in data.skipped)
     assert data.class_names == ["circle", "square"]
 
 

@@ -16,7 +16,9 @@ from training.cnnh import cnnh_target_codes
 from training.data import load_dataset
 from training.errors import UserError
 from training.model import load_model
-from training.train import CHECKPOINT, TrainConfig, evaluate, train
+from training.config import CHECKPOINT, TrainConfig
+from training.loop import evaluate
+from training.train import train
 
 
 def test_training_lowers_loss_and_beats_chance(trained_model):

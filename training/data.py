@@ -9,17 +9,17 @@ import gzip
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from training.config import FORMATS
 from training.errors import UserError
 from training.images import BadImage, list_images, load_image
 
-FORMATS = ("auto", "folder", "cifar10", "mnist")
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -41,7 +41,7 @@ class Dataset:
     test: LabeledImages | None
     class_names: list[str]
     mirror_invariant: bool = True  # False where a flip changes meaning (digits)
-    skipped_files: int = 0
+    skipped: list[dict] = field(default_factory=list)  # {"path", "error"} of each image file that did not decode
 
 
 def detect_format(path: Path) -> str:
@@ -52,9 +52,14 @@ def detect_format(path: Path) -> str:
     return "folder"
 
 
+CLASS_NAMES_FILE = "classes.txt"
+
+
 def load_dataset(path: str | os.PathLike, format: str = "auto", input_size: int = 32,
-                 val_split: float = 0.1, seed: int = 0) -> Dataset:
-    """Load a labeled set; a folder without train/ and test/ subfolders is split by `val_split`."""
+                 val_split: float = 0.1, seed: int = 0, class_names: list[str] | None = None) -> Dataset:
+    """Load a labeled set; a folder without train/ and test/ subfolders is split by `val_split`. For CIFAR-10
+    and MNIST-format data, `class_names` (or a classes.txt beside the data, one name per line) names the
+    classes: an MNIST-format folder may hold Fashion-MNIST."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"data path {path} does not exist")
@@ -70,6 +75,16 @@ def load_dataset(path: str | os.PathLike, format: str = "auto", input_size: int 
         dataset = _load_mnist(path)
     else:
         dataset = _load_folder(path, input_size, val_split, seed)
+    names_file = path / CLASS_NAMES_FILE
+    if class_names is None and names_file.is_file() and format != "folder":
+        class_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    if class_names is not None:
+        if format == "folder":
+            raise UserError(f"{path}: class names of an image folder are its subfolder names")
+        if len(class_names) != len(dataset.class_names) or len(set(class_names)) != len(class_names):
+            raise UserError(f"{len(class_names)} class names given, {path} has {len(dataset.class_names)} "
+                            "classes (one distinct name each)")
+        dataset.class_names = list(class_names)
     if len(dataset.class_names) < 2:
         raise UserError(f"{path} has {len(dataset.class_names)} class(es); training needs at least two")
     if len(dataset.train) == 0:
@@ -147,7 +162,7 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _decode_folder(root: Path, class_names: list[str], input_size: int) -> tuple[LabeledImages, int]:
+def _decode_folder(root: Path, class_names: list[str], input_size: int) -> tuple[LabeledImages, list[dict]]:
     files, labels = [], []
     for label, name in enumerate(class_names):
         folder = root / name
@@ -155,17 +170,18 @@ def _decode_folder(root: Path, class_names: list[str], input_size: int) -> tuple
         files += found
         labels += [label] * len(found)
 
-    def decode(file: Path) -> torch.Tensor | None:
+    def decode(file: Path) -> torch.Tensor | str:
         try:
             return load_image(file, input_size)
-        except BadImage:
-            return None
+        except BadImage as error:
+            return str(error)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         decoded = list(tqdm(pool.map(decode, files), total=len(files), desc=f"decoding {root.name}",
                             unit="img", leave=False))
-    keep = [i for i, image in enumerate(decoded) if image is not None]
-    skipped = len(files) - len(keep)
+    keep = [i for i, image in enumerate(decoded) if not isinstance(image, str)]
+    skipped = [dict(path=os.fsencode(files[i]).decode("utf-8", "backslashreplace"), error=image)
+               for i, image in enumerate(decoded) if isinstance(image, str)]
     if not keep:
         return LabeledImages(torch.empty(0, 3, input_size, input_size, dtype=torch.uint8),
                              torch.empty(0, dtype=torch.long)), skipped
@@ -186,13 +202,13 @@ def _load_folder(path: Path, input_size: int, val_split: float, seed: int) -> Da
         raise UserError(f"no readable images under {train_root}")
     if test_root is not None and train_root != path:
         test, test_skipped = _decode_folder(test_root, class_names, input_size)
-        return Dataset(train, test, class_names, skipped_files=skipped + test_skipped)
+        return Dataset(train, test, class_names, skipped=skipped + test_skipped)
     if not 0 <= val_split < 1:
         raise UserError(f"--val-split must be in [0, 1), got {val_split}")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(train) * val_split))
     if n_val == 0:
-        return Dataset(train, None, class_names, skipped_files=skipped)
+        return Dataset(train, None, class_names, skipped=skipped)
     val, rest = order[:n_val], order[n_val:]
     return Dataset(LabeledImages(train.images[rest], train.labels[rest]),
-                   LabeledImages(train.images[val], train.labels[val]), class_names, skipped_files=skipped)
+                   LabeledImages(train.images[val], train.labels[val]), class_names, skipped=skipped)

@@ -15,6 +15,14 @@ class UserError(Exception):
     """A problem with the user's input, explained in one line."""
 
 
+def program_name(module: str) -> str:
+    """The program as the user ran it: `python -m engine.query`, or a console script's own name."""
+    import os
+
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return f"python -m {module}" if not script or script.endswith(".py") or script == "-c" else script
+
+
 def run_cli(body: Callable[[], int], user_errors: tuple[type[Exception], ...] = (UserError,),
             interrupted: str = "interrupted") -> int:
     """Run a command-line body: a user error prints `error: ...` and exits 2, Ctrl-C exits 130; no traceback."""

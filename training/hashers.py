@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from training.errors import UserError
-from training.model import atomic_write
+from training.files import atomic_write
 
 FORMAT_VERSION = 1
 ENCODE_CHUNK = 8192  # rows per step: bounds the kernel matrix of KSH at CHUNK x anchors

@@ -6,9 +6,13 @@ import stat
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit; larger images are refused, not decoded
@@ -34,6 +38,8 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """uint8 tensor (3, size, size): first frame, EXIF orientation applied, RGB, shorter side resized to
     `size` and centre-cropped. Raises BadImage for anything unusable."""
+    import torch  # here, not at the top: listing images (build-index --help) needs no torch
+
     try:
         with warnings.catch_warnings(), _open_regular_file(path) as file:
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -10,7 +10,6 @@ import difflib
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from training import backbones  # noqa: F401  (registers the CIFAR-native backbones with timm)
 from training.errors import UserError
+from training.files import atomic_write
 
 FORMAT_VERSION = 2  # 2: mirror_average
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -170,16 +170,6 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     if not usable:
         raise UserError(f"--weights file {path} has no tensor matching backbone {type(backbone).__name__}")
     backbone.load_state_dict(usable, strict=False)
-
-
-def atomic_write(path: Path, write) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def _fingerprint(weights: bytes, config: dict) -> str:

@@ -10,340 +10,58 @@ weight averaging. The loss is the paper's plain cross-entropy; label smoothing i
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
-from tqdm import tqdm
+from training.config import CHECKPOINT, FORMATS, OBJECTIVES, TrainConfig
+from training.errors import UserError, program_name, run_cli
 
-from training.cnnh import cnnh_target_codes
-from training.data import FORMATS, Dataset, LabeledImages, load_dataset
-from training.errors import UserError, run_cli
-from training.model import HashingNet, atomic_write, create_model, pick_device, save_model
+def check_config(config: TrainConfig) -> None:
+    """Every argument that can be checked without data, checked before any image is decoded or any folder is
+    made: a mistake costs a second, not a decoded dataset and an empty model folder."""
+    from training.model import MAX_INPUT_SIZE, check_backbone_name
 
-CHECKPOINT = "checkpoint.safetensors"
-CHECKPOINT_STATE = "checkpoint.json"
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    format: str = "auto"
-    backbone: str = "cifar_convnet"
-    bits: int = 48
-    input_size: int = 32
-    epochs: float = 10.0
-    batch_size: int = 256
-    lr: float = 1.5  # peak learning rate of the mean loss at batch size 1024, scaled linearly with batch size
-    momentum: float = 0.85
-    weight_decay: float = 1.5e-3  # per-step decay at batch 1024 divided by lr, scaled like lr
-    norm_bias_lr_scale: float = 64.0
-    label_smoothing: float = 0.0
-    objective: str = "latent"  # latent (the paper), cnnh or cnnh+ (baselines)
-    translate: int = 2
-    flip: bool = True
-    lookahead: bool = True
-    tta: bool = True
-    device: str = "auto"
-    amp: str = "auto"
-    pretrained: bool = False
-    weights: str | None = None
-    freeze_backbone: bool = False  # train only the latent layer and classifier on a trained backbone
-    mirror_average: bool = False  # the saved model encodes an image and its mirror (ModelConfig.mirror_average)
-    resume: bool = False
-    seed: int = 0
-    val_split: float = 0.1
-
-
-# ---------------------------------------------------------------- devices and distributed runs
-def use_bf16(amp: str, device: torch.device, model: nn.Module) -> bool:
-    """bf16 autocast pays on GPUs, and on CPUs with AVX-512 (bf16 units) for dense convnets only.
-
-    Measured (benchmarks/RESULTS.md): on an AVX2-only CPU, bf16 autocast trains 12-16x *slower* than fp32;
-    on AVX-512 CPUs it is ~2x faster for dense convnets and 2-4x slower for depthwise/grouped ones.
-    """
-    if amp != "auto":
-        return amp == "on"
-    if device.type == "cuda":
-        return True
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return False
-    return not any(isinstance(m, nn.Conv2d) and m.groups > 1 for m in model.modules())
-
-
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) under torchrun; (0, 1, device) otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    torch.distributed.init_process_group(backend)
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    return torch.distributed.get_rank(), world_size, device
-
-
-# ---------------------------------------------------------------- augmentation, schedule, evaluation
-def augment(images: torch.Tensor, translate: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random translation (reflect-padded crop) and horizontal flip of a whole uint8 batch at once."""
-    if flip:
-        mirror = torch.rand(len(images), generator=generator, device=images.device) < 0.5
-        images = torch.where(mirror.view(-1, 1, 1, 1), images.flip(-1), images)
-    if translate:
-        n, _, h, w = images.shape
-        padded = F.pad(images.float(), (translate,) * 4, mode="reflect").to(images.dtype)
-        dx, dy = (torch.randint(0, 2 * translate + 1, (2, n), generator=generator, device=images.device))
-        rows = (dy.view(n, 1) + torch.arange(h, device=images.device)).view(n, 1, h, 1)
-        cols = (dx.view(n, 1) + torch.arange(w, device=images.device)).view(n, 1, 1, w)
-        batch = torch.arange(n, device=images.device).view(n, 1, 1, 1)
-        channel = torch.arange(images.shape[1], device=images.device).view(1, -1, 1, 1)
-        images = padded[batch, channel, rows, cols]
-    return images
-
-
-def lr_factor(step: int, total_steps: int) -> float:
-    """Triangular schedule: 0.2 -> 1 over the first 23% of steps, then down to 0.07."""
-    warmup = max(1, int(total_steps * 0.23))
-    if step < warmup:
-        return 0.2 + 0.8 * step / warmup
-    return 1.0 - 0.93 * (step - warmup) / max(1, total_steps - warmup)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data: LabeledImages, device: torch.device, bf16: bool, tta: bool = False,
-             batch_size: int = 1000) -> float:
-    """Top-1 accuracy; with `tta`, logits averaged over the image, its mirror and 1-px shifts (airbench)."""
-    model.eval()
-    correct = 0
-    for start in range(0, len(data), batch_size):
-        images = data.images[start:start + batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(images).float()
-            if tta:
-                logits = 0.5 * logits + 0.5 * model(images.flip(-1)).float()
-                padded = F.pad(images.float(), (1, 1, 1, 1), mode="reflect").to(images.dtype)
-                shifted = model(padded[..., :-2, :-2]).float() + model(padded[..., 2:, 2:]).float()
-                logits = 0.5 * logits + 0.25 * shifted
-        correct += (logits.argmax(1).cpu() == data.labels[start:start + batch_size]).sum().item()
-    return correct / max(1, len(data))
-
-
-OBJECTIVES = ("latent", "cnnh", "cnnh+")
-
-
-def hashing_loss(objective: str, latent: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                 target_bits: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
-    """latent: the paper's cross-entropy on the classes, codes emerge in the latent layer. cnnh: binary
-    cross-entropy of each latent unit against stage 1's target bit. cnnh+: both, as CNNH+ adds class outputs."""
-    loss = torch.zeros((), device=logits.device)
-    if objective != "cnnh":
-        loss = loss + F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-    if objective != "latent":
-        loss = loss + F.binary_cross_entropy_with_logits(latent.float(), target_bits)
-    return loss
-
-
-def set_train_mode(model: HashingNet, freeze_backbone: bool) -> None:
-    """A frozen backbone stays in eval mode: its BatchNorm statistics are part of what it learned."""
-    model.train()
-    if freeze_backbone:
-        model.backbone.eval()
-
-
-# ---------------------------------------------------------------- optimizer and checkpoints
-def make_optimizer(model: HashingNet, config: TrainConfig) -> torch.optim.SGD:
-    """Nesterov SGD; the biases of normalisation layers learn `norm_bias_lr_scale` x faster (same decay/step)."""
-    scale = config.batch_size / 1024
-    lr, decay = config.lr * scale, config.weight_decay
-    norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, norm_types) and m.bias is not None}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    biases = [p for p in trainable if id(p) in norm_biases]
-    others = [p for p in trainable if id(p) not in norm_biases]
-    bias_lr = lr * config.norm_bias_lr_scale
-    groups = [dict(params=others, lr=lr, weight_decay=decay, base_lr=lr)]
-    if biases:
-        groups.append(dict(params=biases, lr=bias_lr, weight_decay=decay / config.norm_bias_lr_scale,
-                           base_lr=bias_lr))
-    return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True)
-
-
-def save_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimizer,
-                    lookahead: dict[str, torch.Tensor] | None, epoch: int, step: int, history: list) -> None:
-    """Weights, momentum buffers and Lookahead state as safetensors, counters as JSON; both written atomically."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{key}"] = value
-    for key, value in (lookahead or {}).items():
-        tensors[f"lookahead.{key}"] = value
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_write(out / CHECKPOINT, lambda p: save_file(tensors, str(p)))
-    state = dict(epoch=epoch, step=step, history=history)
-    atomic_write(out / CHECKPOINT_STATE, lambda p: p.write_text(json.dumps(state)))
-
-
-def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimizer,
-                    lookahead: dict[str, torch.Tensor] | None) -> dict:
-    try:
-        tensors = load_file(str(out / CHECKPOINT))
-        state = json.loads((out / CHECKPOINT_STATE).read_text())
-    except (OSError, json.JSONDecodeError, Exception) as error:
-        raise UserError(f"cannot resume from {out}: {error}") from error
-    device = next(model.parameters()).device
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    optimizer_state = optimizer.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            optimizer_state["state"].setdefault(int(index), {})[name] = value.to(device)
-    optimizer.load_state_dict(optimizer_state)
-    for key in lookahead or {}:
-        lookahead[key].copy_(tensors[f"lookahead.{key}"])
-    return state
-
-
-# ---------------------------------------------------------------- the run
-def train(config: TrainConfig, dataset: Dataset | None = None) -> dict:
-    """Train, checkpointing every epoch; writes the model directory and returns a summary of the run."""
-    device = pick_device(config.device)
-    rank, world_size, device = init_distributed(device)
-    torch.manual_seed(config.seed)
-    out = Path(config.out)
-    if dataset is None:
-        dataset = load_dataset(config.data, config.format, config.input_size, config.val_split, config.seed)
+    for name, value, low in (("bits", config.bits, 1), ("batch-size", config.batch_size, 1),
+                             ("input-size", config.input_size, 8)):
+        if value < low:
+            raise UserError(f"--{name} must be at least {low}, got {value}")
+    if config.input_size > MAX_INPUT_SIZE:
+        raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {config.input_size}")
+    if config.bits > 4096:
+        raise UserError(f"--bits must be at most 4096, got {config.bits}")
+    for name, value in (("epochs", config.epochs), ("lr", config.lr)):
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"--{name} must be a positive number, got {value}")
+    if not 0 <= config.val_split < 1:
+        raise UserError(f"--val-split must be in [0, 1), got {config.val_split}")
+    if not 0 <= config.label_smoothing < 1:
+        raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
     if config.objective not in OBJECTIVES:
         raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{config.objective}'")
+    if config.format not in FORMATS:
+        raise UserError(f"unknown --format '{config.format}'; choose one of {', '.join(FORMATS)}")
     if config.freeze_backbone and config.weights is None and not config.pretrained:
         raise UserError("--freeze-backbone needs a trained backbone: give --weights (or --pretrained)")
-    if config.mirror_average and not dataset.mirror_invariant:
-        raise UserError("--mirror-average: a horizontal flip changes what these images mean (digits)")
+    if not Path(config.data).exists():
+        raise UserError(f"data path {config.data} does not exist")
+    out = Path(config.out)
     if config.resume and not (out / CHECKPOINT).is_file():
         raise UserError(f"--resume: no checkpoint in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    input_size = dataset.train.images.shape[-1]
-    model = create_model(config.backbone, config.bits, dataset.class_names, input_size,
-                         pretrained=config.pretrained, weights=config.weights).to(device)
-    model.config.extra["objective"] = config.objective
-    model.config.mirror_average = config.mirror_average
-    model.backbone.requires_grad_(not config.freeze_backbone)  # frozen: no backbone graph, ~3x cheaper steps
-    classes_trained = config.objective != "cnnh"  # pure CNNH leaves the classifier untrained
-    target_bits = None
-    if config.objective != "latent":
-        target_bits = torch.from_numpy(cnnh_target_codes(dataset.train.labels.numpy(), config.bits,
-                                                         seed=config.seed)).float().to(device)
-    flip = config.flip and dataset.mirror_invariant
-    train_images = dataset.train.images.to(device)
-    train_labels = dataset.train.labels.to(device)
-    if hasattr(model.backbone, "init_whitening") and not config.resume and config.weights is None:
-        model.backbone.init_whitening(model.normalize(train_images[:5000]))
-    model = model.to(memory_format=torch.channels_last)
-    bf16 = use_bf16(config.amp, device, model)
-    optimizer = make_optimizer(model, config)
-    lookahead = {k: v.clone() for k, v in model.state_dict().items()} if config.lookahead else None
-
-    global_batch = config.batch_size * world_size
-    steps_per_epoch = max(1, len(dataset.train) // global_batch)
-    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    start_epoch, step, history = 0, 0, []
-    if config.resume:
-        state = load_checkpoint(out, model, optimizer, lookahead)
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-    trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not classes_trained) \
-        if world_size > 1 else model
-    if rank == 0:
-        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-        # From the checkpoint's history: an epoch logged after the last checkpoint is not counted twice.
-        (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)  # a resumed run counts on
-    for epoch in range(start_epoch, epochs):
-        generator.manual_seed(config.seed * 1000 + epoch)  # per-epoch seed: a resumed run sees the same batches
-        order = torch.randperm(len(dataset.train), generator=generator, device=device)
-        order = order[rank * config.batch_size * steps_per_epoch:][:config.batch_size * steps_per_epoch]
-        epoch_start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        set_train_mode(model, config.freeze_backbone)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0, leave=False)
-        for batch_index in bar:
-            if step >= total_steps:
-                break
-            index = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
-            images = augment(train_images[index], config.translate, flip, generator)
-            images = images.contiguous(memory_format=torch.channels_last)
-            labels = train_labels[index]
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, total_steps)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                latent, logits = trained(images, with_latent=True)
-            targets = target_bits[index] if target_bits is not None else None
-            loss = hashing_loss(config.objective, latent, logits, labels, targets, config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if lookahead is not None and step % 5 == 0:
-                _lookahead_update(model, lookahead, 0.95 ** 5 * (step / total_steps) ** 3)
-            seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            if classes_trained:
-                correct += (logits.argmax(1) == labels).sum().item()
-            else:  # the fraction of target bits hit
-                correct += ((latent > 0) == (targets > 0.5)).float().mean(1).sum().item()
-            rate = seen * world_size / (time.perf_counter() - epoch_start)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
-        if lookahead is not None and step >= total_steps:
-            _lookahead_update(model, lookahead, 1.0)  # finish on the averaged weights
-        if rank != 0:
-            continue
-        train_seconds = time.perf_counter() - epoch_start
-        has_validation = dataset.test is not None and classes_trained
-        val_acc = evaluate(model, dataset.test, device, bf16) if has_validation else None
-        record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(1, seen),
-                      train_acc=correct / max(1, seen), val_acc=val_acc, epoch_seconds=round(train_seconds, 2),
-                      images_per_second=round(seen * world_size / train_seconds, 1),
-                      elapsed_seconds=round(time.perf_counter() - started, 2))
-        history.append(record)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        val_text = f"val acc {val_acc:.4f}" if val_acc is not None else \
-            "no validation set" if classes_trained else "no class outputs (cnnh)"
-        tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, train "
-                   f"{'acc' if classes_trained else 'target-bit acc'} {record['train_acc']:.4f}, {val_text}, "
-                   f"{record['images_per_second']:.0f} img/s")
-        save_checkpoint(out, model, optimizer, lookahead, epoch + 1, step, history)
-    summary = dict(epochs=epochs, seconds=round(time.perf_counter() - started, 1), history=history)
-    if rank == 0:
-        if dataset.test is not None and classes_trained:
-            summary["val_acc"] = history[-1]["val_acc"] if history else None
-            if config.tta:
-                summary["val_acc_tta"] = evaluate(model, dataset.test, device, bf16, tta=dataset.mirror_invariant)
-        summary["fingerprint"] = save_model(model, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return summary
+    if config.resume and config.overwrite:
+        raise UserError("--resume continues the model in --out, --overwrite replaces it: give one")
+    if not config.resume and not config.overwrite and any((out / f).exists() for f in ("config.json", CHECKPOINT)):
+        raise UserError(f"{out} already holds a model; catalogs built from it would stop matching. Give another "
+                        "--out, --resume to continue it, or --overwrite to replace it")
+    check_backbone_name(config.backbone)
 
 
-@torch.no_grad()
-def _lookahead_update(model: nn.Module, averaged: dict[str, torch.Tensor], decay: float) -> None:
-    """Lookahead: pull the averaged weights towards the live ones, then restart from the average."""
-    for key, live in model.state_dict().items():
-        if live.dtype.is_floating_point:
-            averaged[key].lerp_(live, 1 - decay)
-            live.copy_(averaged[key])
+def train(config: TrainConfig, dataset=None) -> dict:
+    """Check the arguments, then train (training.loop.run); returns a summary of the run."""
+    check_config(config)
+    from training.loop import run
+
+    return run(config, dataset)
 
 
 # ---------------------------------------------------------------- command line
@@ -352,29 +70,35 @@ EXAMPLES = """examples:
   python -m training.train --data photos/ --out models/photos --backbone resnet18 --input-size 64 --epochs 20
   python -m training.train --data photos/ --out models/photos --backbone resnet50 --pretrained --input-size 224
   python -m training.train --data ../shared/data/mnist --out models/mnist --bits 12 --resume
+  python -m training.train --data fashion/ --out models/fashion --class-names t-shirt,trouser,pullover,dress,coat,\
+sandal,shirt,sneaker,bag,boot
   python -m training.train --data DIR --out models/cifar12 --bits 12 --weights models/cifar48 --freeze-backbone
   torchrun --nproc-per-node 4 -m training.train --data DIR --out MODEL_DIR --device cuda
 """
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program_name("training.train"), description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig(data="", out="")
     parser.add_argument("--data", required=True, help="image directory (one subfolder per class), CIFAR-10 "
                         "python batches directory, or MNIST IDX directory")
     parser.add_argument("--out", required=True, help="model directory to write (weights, config, checkpoints)")
     parser.add_argument("--format", choices=FORMATS, default=defaults.format)
+    parser.add_argument("--class-names", type=lambda text: [n.strip() for n in text.split(",")], metavar="A,B,...",
+                        help="names of the classes of CIFAR-10 / MNIST-format data, in label order (default: a "
+                        "classes.txt beside the data, else CIFAR-10's names or the digits)")
     parser.add_argument("--backbone", default=defaults.backbone, help="any timm model name (default %(default)s)")
     parser.add_argument("--bits", type=int, default=defaults.bits, help="code length K (default %(default)s)")
     parser.add_argument("--input-size", type=int, default=defaults.input_size,
                         help="image side in pixels for folders (default %(default)s)")
-    parser.add_argument("--epochs", type=float, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--epochs", type=float, default=defaults.epochs,
+                        help="passes over the training set; fractions allowed (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
     parser.add_argument("--lr", type=float, default=defaults.lr,
                         help="peak learning rate at batch 1024, scaled with --batch-size (default %(default)s)")
-    parser.add_argument("--momentum", type=float, default=defaults.momentum)
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--momentum", type=float, default=defaults.momentum, help="(default %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
                         help="0 = the paper's plain cross-entropy (default)")
     parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
@@ -395,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         help="the model encodes each image and its mirror and averages the features: flip-invariant "
                         "codes (fewer wrong bits) at twice the cost of building and querying a catalog")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--val-split", type=float, default=defaults.val_split,
                         help="held-out fraction for folders without a test/ split (default %(default)s)")

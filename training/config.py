@@ -1,0 +1,43 @@
+"""What a training run is told: the settings of `python -m training.train`, as one dataclass, and the names
+the loop and the command line share. Light on purpose: the command line reads it before importing torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_STATE = "checkpoint.json"
+OBJECTIVES = ("latent", "cnnh", "cnnh+")
+FORMATS = ("auto", "folder", "cifar10", "mnist")
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    format: str = "auto"
+    class_names: list[str] | None = None  # names of CIFAR-10 / MNIST-format classes (default: classes.txt, digits)
+    backbone: str = "cifar_convnet"
+    bits: int = 48
+    input_size: int = 32
+    epochs: float = 10.0
+    batch_size: int = 256
+    lr: float = 1.5  # peak learning rate of the mean loss at batch size 1024, scaled linearly with batch size
+    momentum: float = 0.85
+    weight_decay: float = 1.5e-3  # per-step decay at batch 1024 divided by lr, scaled like lr
+    norm_bias_lr_scale: float = 64.0
+    label_smoothing: float = 0.0
+    objective: str = "latent"  # latent (the paper), cnnh or cnnh+ (baselines)
+    translate: int = 2
+    flip: bool = True
+    lookahead: bool = True
+    tta: bool = True
+    device: str = "auto"
+    amp: str = "auto"
+    pretrained: bool = False
+    weights: str | None = None
+    freeze_backbone: bool = False  # train only the latent layer and classifier on a trained backbone
+    mirror_average: bool = False  # the saved model encodes an image and its mirror (ModelConfig.mirror_average)
+    resume: bool = False
+    overwrite: bool = False  # replace a model already in `out`
+    seed: int = 0
+    val_split: float = 0.1

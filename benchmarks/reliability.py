@@ -43,17 +43,16 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _contents(catalog: Path) -> dict:
-    """Each item's path and label, and for imports its code (a resumed build encodes other batches, and a code
-    bit near the threshold may differ with the batch's float arithmetic)."""
+def _contents(catalog: Path, with_codes: bool) -> dict:
+    """Each item's path and label, and its code if `with_codes` (imports; a resumed build encodes other batches,
+    and a code bit near the threshold may differ with the batch's float arithmetic)."""
     from shards import Catalog
     with Catalog.open(catalog) as opened:
-        imported = not (catalog / "engine.json").exists()
-        return {item.id: (item.code.tobytes() if imported else b"", item.meta.get("path"), item.meta.get("label"))
+        return {item.id: (item.code.tobytes() if with_codes else b"", item.meta.get("path"), item.meta.get("label"))
                 for item in opened}
 
 
-def kill_trial(command: list[str], catalog: Path, reference: dict, delay: float, env: dict) -> dict:
+def kill_trial(command: list[str], catalog: Path, reference: dict, delay: float, env: dict, with_codes: bool) -> dict:
     """Run `command`, SIGKILL it after `delay` s, and report what was left and what a re-run gives."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: set[int] = set()
@@ -72,7 +71,7 @@ def kill_trial(command: list[str], catalog: Path, reference: dict, delay: float,
             os.kill(worker, signal.SIGKILL)
     if (catalog / "manifest.json").exists():
         try:
-            outcome["items_after_kill"] = len(_contents(catalog))
+            outcome["items_after_kill"] = len(_contents(catalog, with_codes))
             outcome["opened"] = True
         except Exception as error:  # what the user would see instead of a catalog
             outcome["opened"], outcome["open_error"] = False, str(error)[:200]
@@ -81,7 +80,7 @@ def kill_trial(command: list[str], catalog: Path, reference: dict, delay: float,
     if rerun.returncode:
         outcome["rerun_error"] = rerun.stderr.strip().splitlines()[-1][:200] if rerun.stderr.strip() else ""
         return outcome
-    final = _contents(catalog)
+    final = _contents(catalog, with_codes)
     outcome["lost"] = len(set(reference) - set(final))
     outcome["unexpected"] = len(set(final) - set(reference))
     outcome["wrong_content"] = sum(final[i] != reference[i] for i in set(final) & set(reference))
@@ -103,6 +102,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3000, help="images in the build-index folder")
     parser.add_argument("--import-items", type=int, default=150_000, help="items in the imported HDF5 file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scenarios", nargs="+", choices=("build", "import"), default=["build", "import"])
     parser.add_argument("--workdir", help="default: a temporary folder, removed at the end")
     args = parser.parse_args()
     from engine.synthetic import make_image_folder
@@ -120,6 +120,21 @@ def main() -> None:
         train(TrainConfig(data=str(images), out=str(model), backbone="cifar_convnet_small", bits=48, epochs=1,
                           batch_size=64, val_split=0.1, tta=False))
     rows, log = [], {}
+    if "build" in args.scenarios:
+        _build_trials(work, images, model, args, env, rng, rows, log)
+    if "import" in args.scenarios:
+        _import_trials(work, args, env, rng, rows, log)
+    print("\n| scenario | kills | workers alive 5 s after | would not open | re-run failed | lost | unexpected | "
+          "wrong content |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    (work / "kills.json").write_text(json.dumps(log, indent=2))
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+def _build_trials(work: Path, images: Path, model: Path, args: argparse.Namespace, env: dict, rng: random.Random,
+                  rows: list, log: dict) -> None:
     for batch in (64, 1000):
         name = f"build-index, batch {batch}, 2 workers"
         reference_dir = work / f"reference-{batch}"
@@ -128,21 +143,24 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run([c.format(reference_dir) for c in command], env=env, check=True, capture_output=True)
         full = time.perf_counter() - start
-        reference = _contents(reference_dir)
+        reference = _contents(reference_dir, with_codes=False)
         trials = []
         for trial in range(args.trials):
             catalog = work / f"kill-{batch}-{trial}"
             trials.append(kill_trial([c.format(catalog) for c in command], catalog, reference,
-                                     rng.uniform(0.3, full), env))
+                                     rng.uniform(0.3, full), env, with_codes=False))
             print(json.dumps(dict(scenario=name, **trials[-1])), flush=True)
             shutil.rmtree(catalog)
         log[name] = trials
         rows.append(summarise(name, trials, len(reference)))
+
+
+def _import_trials(work: Path, args: argparse.Namespace, env: dict, rng: random.Random, rows: list, log: dict) -> None:
     source = work / "source"
     h5 = work / "items.h5"
     _write_import_file(h5, source, args.import_items)
     name = f"import of {args.import_items:,} items (batches of 50,000)"
-    reference = _contents(source)
+    reference = _contents(source, with_codes=True)
     command = [sys.executable, "-m", "engine.export", "--import", str(h5), "--catalog", "{}"]
     start = time.perf_counter()
     subprocess.run([c.format(work / "timing") for c in command], env=env, check=True, capture_output=True)
@@ -151,18 +169,11 @@ def main() -> None:
     for trial in range(args.trials):
         catalog = work / f"import-{trial}"
         trials.append(kill_trial([c.format(catalog) for c in command], catalog, reference, rng.uniform(0.2, full),
-                                 env))
+                                 env, with_codes=True))
         print(json.dumps(dict(scenario=name, **trials[-1])), flush=True)
         shutil.rmtree(catalog)
     log[name] = trials
     rows.append(summarise(name, trials, len(reference)))
-    print("\n| scenario | kills | workers alive 5 s after | would not open | re-run failed | lost | unexpected | "
-          "wrong content |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    (work / "kills.json").write_text(json.dumps(log, indent=2))
-    if not args.workdir:
-        shutil.rmtree(work)
 
 
 def _write_import_file(h5: Path, source: Path, n: int) -> None:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.errors import run_cli
-from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, label_of, read_record,
-                           regular_file_status, write_record)
+from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, label_of,
+                           read_metadata_file, read_record, regular_file_status, write_record)
 from training.errors import UserError, program_name
 from training.hashers import SUPERVISED, fit_hasher, save_hasher
 from training.images import list_images
@@ -43,6 +43,7 @@ class BuildSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    metadata_unmatched: list[dict] = field(default_factory=list)  # --metadata lines with no usable image
 
 
 def open_or_create_catalog(catalog_dir: Path, encoder: Encoder, shards: int, index: str) -> Catalog:
@@ -90,9 +91,12 @@ def fit_code_maker(model, method: str, bits: int, files: list[Path], root: Path,
 def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, catalog_dir: str | os.PathLike,
                 shards: int = 4, index: str = "flat", batch_size: int = 256, workers: int | None = None,
                 device: str = "auto", prune: bool = False, progress: bool = True, codes: str | None = None,
-                code_bits: int | None = None, fit_samples: int = 20000) -> BuildSummary:
+                code_bits: int | None = None, fit_samples: int = 20000,
+                metadata: str | os.PathLike | None = None) -> BuildSummary:
     """Index (or update) a catalog. `codes` = latent (the model's codes) or a code maker of training.hashers,
-    fitted on the model's features of a new catalog and kept with it; an existing catalog keeps its own."""
+    fitted on the model's features of a new catalog and kept with it; an existing catalog keeps its own.
+    `metadata`: a JSON-lines file of product metadata, one object per image with its `path` under `image_dir`;
+    an item whose metadata changed is indexed again."""
     started = time.perf_counter()
     root = Path(image_dir).resolve()
     if not root.is_dir():
@@ -114,6 +118,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     if not listed:
         raise UserError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
     files, stats, bad_entries = _regular_files(listed)
+    products, unmatched = read_metadata_file(metadata, root) if metadata is not None else ({}, [])
     catalog_dir = Path(catalog_dir)
     record = read_record(catalog_dir) if (catalog_dir / "manifest.json").exists() else None
     if record is not None:
@@ -133,7 +138,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
                                      batch_size, workers, progress)
             catalog_dir.mkdir(parents=True, exist_ok=True)
             save_hasher(encoder.hasher, catalog_dir / CODE_MAKER_FILE)
-    summary = BuildSummary(found=len(listed), failures=bad_entries)
+    summary = BuildSummary(found=len(listed), failures=bad_entries, metadata_unmatched=unmatched)
     with open_or_create_catalog(catalog_dir, encoder, shards, index) as catalog:
         roots = (record.image_roots if record is not None else [])
         write_record(catalog_dir, EngineRecord(
@@ -147,7 +152,8 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         for position, (meta, st) in enumerate(zip(known, stats)):
             if meta is None:
                 todo.append(position)
-            elif (meta.get("size"), meta.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
+            elif (meta.get("size"), meta.get("mtime_ns"), meta.get("metadata")) == (
+                    st.st_size, st.st_mtime_ns, products.get(files[position].resolve())):
                 summary.unchanged += 1
             else:
                 todo.append(position)
@@ -163,8 +169,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         with torch.inference_mode():
             for batch in encode_files(encoder, todo_files, batch_size, workers):
                 positions = [todo[p] for p in batch.positions]
-                metas = [dict(path=display_path(files[p]), label=label_of(files[p], root), size=stats[p].st_size,
-                              mtime_ns=stats[p].st_mtime_ns) for p in positions]
+                metas = [item_metadata(files[p], root, stats[p], products.get(files[p].resolve())) for p in positions]
                 if positions:
                     catalog.add(ids[positions], batch.codes, batch.features, metas)
                 summary.indexed += len(positions)
@@ -179,6 +184,14 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         summary.images_per_second = round(len(todo_files) / (time.perf_counter() - encode_start), 1)
     (catalog_dir / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+def item_metadata(file: Path, root: Path, status: os.stat_result, product: dict | None) -> dict:
+    """What an item records about its image: path, label, size and mtime (to notice changes), product data."""
+    meta = dict(path=display_path(file), label=label_of(file, root), size=status.st_size, mtime_ns=status.st_mtime_ns)
+    if product is not None:
+        meta["metadata"] = product
+    return meta
 
 
 def _regular_files(files: list[Path]) -> tuple[list[Path], list[os.stat_result], list[dict]]:
@@ -204,6 +217,7 @@ EXAMPLES = """examples:
   build-index photos/ --model models/shop48 --catalog catalogs/shop
   build-index photos/ --model models/shop48 --catalog catalogs/shop --shards 8 --workers 4 --prune
   build-index photos/ --model models/shop48 --catalog catalogs/shop-itq --codes itq --code-bits 64
+  build-index photos/ --model models/shop48 --catalog catalogs/shop --metadata products.jsonl
   python -m engine.build_index ../shared/data/cifar10-sample-png --model models/cifar48 --catalog /tmp/cat
 """
 
@@ -229,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                         "hash the model's features with no labels, itq-cca/ksh with the subfolder labels")
     parser.add_argument("--code-bits", type=int, help="code length for --codes other than latent "
                         "(default: the model's bits)")
+    parser.add_argument("--metadata", metavar="ITEMS.jsonl",
+                        help="product metadata: one JSON object per line with a \"path\" relative to IMAGE_DIR "
+                        "(SKU, title, price, ...); kept with each item, returned in results, filterable")
     parser.add_argument("--fit-samples", type=int, default=20000,
                         help="images the code maker is fitted on (default %(default)s)")
     args = parser.parse_args(argv)
@@ -236,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         summary = build_index(args.image_dir, args.model, args.catalog, args.shards, args.index, args.batch_size,
                               args.workers, args.device, args.prune, codes=args.codes, code_bits=args.code_bits,
-                              fit_samples=args.fit_samples)
+                              fit_samples=args.fit_samples, metadata=args.metadata)
         print(f"indexed {summary.indexed}, unchanged {summary.unchanged}, re-indexed {summary.reindexed}, "
               f"pruned {summary.pruned}, failed {summary.failed} of {summary.found} images in "
               f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} img/s)")
         if summary.failed:
             print(f"failed files are listed in {Path(args.catalog) / REPORT_FILE}", file=sys.stderr)
+        if summary.metadata_unmatched:
+            print(f"{len(summary.metadata_unmatched)} --metadata lines matched no image; they are listed in "
+                  f"{Path(args.catalog) / REPORT_FILE}", file=sys.stderr)
         return 0
 
     return run_cli(body)

@@ -1,7 +1,7 @@
 """HDF5 export and import of a catalog's items: `python -m engine.export --catalog DIR --out FILE.h5`.
 
 Datasets `ids`, `codes` (packed uint8), `features`, `labels` (-1 where none; names in attribute `label_names`),
-`paths` (UTF-8), and `code_maker` (the code maker's safetensors bytes, for `--codes` other than latent);
+`paths` (UTF-8), `metadata` (product metadata as JSON, "" where none), `code_maker` (the code maker's safetensors bytes, for `--codes` other than latent);
 attributes `bits`, `model_fingerprint` and `engine` (JSON: codes, code maker, the model's fingerprint and
 config), so that an imported copy answers queries exactly as the original, given the model's weights.
 `--import FILE.h5` bulk-loads such a file, so codes computed elsewhere (a GPU box, a cluster) can be indexed here.
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.errors import run_cli
-from engine.record import (CODE_MAKER_FILE, ENGINE_FILE, EngineRecord, code_maker_file, parse_record, read_record,
-                           write_record)
+from engine.record import (CODE_MAKER_FILE, ENGINE_FILE, EngineRecord, code_maker_file, parse_record,
+                           product_metadata, read_record, write_record)
 from shards.codes import MAX_BITS, MAX_FEATURE_DIM, code_bytes
 from training.errors import UserError, program_name
 from training.files import atomic_write
@@ -62,6 +62,7 @@ def export_catalog(catalog_dir: str | os.PathLike, out: str | os.PathLike, progr
             features = f.create_dataset("features", (n, manifest.feature_dim), dtype=manifest.feature_dtype)
             labels = f.create_dataset("labels", (n,), dtype=np.int64)
             paths = f.create_dataset("paths", (n,), dtype=h5py.string_dtype("utf-8"))
+            products = f.create_dataset("metadata", (n,), dtype=h5py.string_dtype("utf-8"))
             items = iter(tqdm(catalog, total=n, desc="exporting", unit="item", disable=not progress))
             for start in range(0, n, BATCH):  # write in slices: per-row HDF5 writes are ~100x slower
                 chunk = [next(items) for _ in range(min(BATCH, n - start))]
@@ -73,6 +74,7 @@ def export_catalog(catalog_dir: str | os.PathLike, out: str | os.PathLike, progr
                 labels[part] = [-1 if m.get("label") is None
                                 else label_names.setdefault(str(m["label"]), len(label_names)) for m in metas]
                 paths[part] = [m.get("path") or "" for m in metas]
+                products[part] = [json.dumps(m["metadata"]) if m.get("metadata") is not None else "" for m in metas]
             f.attrs["label_names"] = list(label_names)
     return n
 
@@ -84,7 +86,7 @@ class ImportSummary:
     conflicts: list[int] = field(default_factory=list)  # ids already in the catalog with other content: kept
 
 
-_DATASETS = ("ids", "codes", "features", "labels", "paths")
+_DATASETS = ("ids", "codes", "features", "labels", "paths", "metadata")
 
 
 def _dataset(f: h5py.File, name: str, file: Path) -> h5py.Dataset | None:
@@ -135,9 +137,9 @@ def _check_import(f: h5py.File, file: Path, max_items: int | None) -> tuple[int,
                             f"{dataset.shape}")
     if data["codes"].dtype.itemsize != 1:
         raise UserError(f"{file}: codes must be packed bytes (uint8)")
-    if data["paths"] is not None and (data["paths"].shape != (n,) or h5py.check_string_dtype(data["paths"].dtype)
-                                      is None):
-        raise UserError(f"{file}: paths must be {n} strings")
+    for name in ("paths", "metadata"):
+        if data[name] is not None and (data[name].shape != (n,) or h5py.check_string_dtype(data[name].dtype) is None):
+            raise UserError(f"{file}: {name} must be {n} strings")
     ids = data["ids"][:]
     if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int64).max):
         raise UserError(f"{file}: ids must be non-negative 64-bit integers")
@@ -159,7 +161,7 @@ def _expected_bytes(n: int, bits: int, dim: int) -> int:
 def _same(item, code: np.ndarray, features: np.ndarray, meta: dict, dtype: str) -> bool:
     stored = item.meta or {}
     return (np.array_equal(item.code, code) and np.array_equal(item.features, features.astype(dtype).astype(np.float32))
-            and stored.get("path") == meta["path"] and stored.get("label") == meta["label"])
+            and all(stored.get(k) == meta.get(k) for k in ("path", "label", "metadata")))
 
 
 def _carried_record(f: h5py.File, file: Path, fingerprint: str | None,
@@ -255,8 +257,13 @@ def _import_batches(f: h5py.File, catalog: Catalog, names: list[str], bar: tqdm,
         ids, codes, features = f["ids"][part].astype(np.int64), f["codes"][part], f["features"][part]
         labels = f["labels"][part] if "labels" in f else np.full(part.stop - start, -1)
         paths = f["paths"].asstr("utf-8", "backslashreplace")[part] if "paths" in f else [""] * (part.stop - start)
+        products = f["metadata"].asstr("utf-8", "backslashreplace")[part] if "metadata" in f \
+            else [""] * (part.stop - start)
         metas = [dict(path=p or None, label=(names[l] if 0 <= l < len(names) else int(l)) if l >= 0 else None)
                  for p, l in zip(paths, labels)]
+        for row, (meta, product) in enumerate(zip(metas, products)):
+            if product:
+                meta["metadata"] = product_metadata(product, f"metadata of item {int(ids[row])}")
         present = catalog.present(ids)
         if present.any():  # a resumed import: skip what is there, report what differs
             rows = np.flatnonzero(present)

@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   python -m engine.query --catalog catalogs/shop -k 20 --pool 5000 a.jpg b.jpg --html results.html
   python -m engine.query --catalog catalogs/shop --radius 3 --no-rerank --json query.png
   python -m engine.query --catalog catalogs/shop --id 1234567890123
+  python -m engine.query --catalog catalogs/shop shoe.jpg --label shoes --label boots --where brand:acme
 """
 
 
@@ -56,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, help="coarse candidates by Hamming distance (default 100*k)")
     parser.add_argument("--radius", type=int, help="coarse pool = every code within this Hamming distance")
     parser.add_argument("--no-rerank", dest="rerank", action="store_false", help="rank by Hamming distance only")
+    parser.add_argument("--label", action="append", default=[],
+                        help="only items with this label (repeatable: any of them); exact, not a post-filter")
+    parser.add_argument("--where", action="append", default=[], metavar="FIELD:VALUE",
+                        help="only items whose product metadata has FIELD equal to VALUE (repeatable: all of them)")
     parser.add_argument("--model", help="model directory (default: the one that built the catalog)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -65,17 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not args.images and not args.id:
             raise UserError("give at least one query image or --id")
+        from engine.filters import Filter
         from engine.report import write_html
         from engine.search import Searcher
 
+        rule = Filter.parse(args.label, args.where)
         with Searcher(args.catalog, args.model, args.device) as searcher:
             queries, results = [], []
             if args.images:
                 queries += list(args.images)
-                results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank)
+                results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank, rule)
             if args.id:
                 queries += [f"id:{i}" for i in args.id]
-                results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank)
+                results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank, rule)
             labels = searcher.query_labels(args.images, args.id)
         if args.json:
             print(json.dumps([{"query": q, "results": [asdict(r) for r in rs]} for q, rs in zip(queries, results)],

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from shards.errors import CatalogError
+from training.errors import UserError
 from training.hashers import HASHERS
 
 ENGINE_FILE = "engine.json"
@@ -127,6 +128,51 @@ def regular_file_status(path: str | os.PathLike) -> os.stat_result:
     if not stat.S_ISREG(status.st_mode):
         raise OSError(f"not a regular file ({stat.filemode(status.st_mode)[0]!r} entry)")
     return status
+
+
+MAX_METADATA_BYTES = 64 << 10
+
+
+def product_metadata(text: str | None, where: str = "metadata") -> dict | None:
+    """A product's free-form metadata (SKU, title, price, URL, ...) from JSON text: an object, at most 64 KiB."""
+    if text is None or text == "":
+        return None
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
+        raise UserError(f"{where}: over {MAX_METADATA_BYTES >> 10} KiB")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_metadata_file(file: str | os.PathLike, root: Path) -> tuple[dict[Path, dict], list[dict]]:
+    """Product metadata per image from a JSON-lines file (one object per line with a `path` relative to `root`):
+    {resolved image path: the object without `path`}, and a report entry for each line that cannot be used."""
+    by_path, problems = {}, []
+    try:
+        lines = Path(file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read --metadata file {file}: {error}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = product_metadata(line, f"{file} line {number}")
+            relative = row.pop("path", None) if row is not None else None
+            if not isinstance(relative, str) or not relative:
+                raise UserError(f"{file} line {number}: no \"path\" string")
+        except UserError as error:
+            problems.append(dict(line=number, error=str(error)))
+            continue
+        path = (root / relative).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            problems.append(dict(line=number, path=relative, error="no such image under the image folder"))
+            continue
+        by_path[path] = row
+    return by_path, problems
 
 
 def item_image(path: str | None, roots: list[str]) -> Path | None:

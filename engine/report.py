@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from engine.search import Result
 
 THUMBNAIL = 96
+PRODUCT_FIELDS = ("title", "price")  # product metadata shown under a result, where an item has them
 
 
 def thumbnail_uri(path: str | os.PathLike | None) -> str | None:
@@ -60,8 +61,10 @@ def write_html(file: str | os.PathLike, queries: list[str], results: list[list[R
             distance = f"{r.distance:.3f}" if r.distance is not None else "&ndash;"
             label = html.escape(str(r.label)) if r.label is not None else ""
             other = query_label is not None and r.label is not None and str(r.label) != query_label
+            product = "".join(f"<br>{html.escape(str(r.metadata[k]))}" for k in PRODUCT_FIELDS
+                              if r.metadata and r.metadata.get(k) is not None)
             cells.append(_figure(item_image(r.path, image_roots),
-                                 f"#{r.rank} {label}<br>ham {r.hamming} &middot; L2 {distance}",
+                                 f"#{r.rank} {label}{product}<br>ham {r.hamming} &middot; L2 {distance}",
                                  "other" if other else ""))
         rows.append(f'<section><h2>{html.escape(query)}</h2><div class="row">{"".join(cells)}</div></section>')
     page = f"""<!doctype html>

@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from engine.encode import Encoder, load_encoder
+from engine.filters import Filter, FilterIndex
 from engine.record import item_id, read_record
 from shards import Catalog, CatalogError, Hits
+from shards.index import CodeIndex
 from training.errors import UserError
-from training.images import BadImage, load_image
+from training.images import BadImage, load_image, load_image_bytes
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Result:
     label: str | None
     hamming: int
     distance: float | None
+    metadata: dict | None = None  # product metadata (SKU, title, price, ...), where the item has any
 
 
 @dataclass
@@ -52,6 +55,23 @@ class Searcher:
         self._device = device
         self._encoder = None
         self.timings = Timings()
+        self._filters: FilterIndex | None = None
+        self._restricted: dict[Filter, CodeIndex] = {}
+
+    def refresh(self) -> None:
+        """See what was committed since opening (adds and deletes by a writer); not during a search."""
+        self.catalog.refresh()
+        self._filters, self._restricted = None, {}
+
+    def _within(self, rule: Filter) -> CodeIndex:
+        """The coarse index over the items that pass `rule` (kept for the 16 filters used last)."""
+        if rule not in self._restricted:
+            if self._filters is None:
+                self._filters = FilterIndex(self.catalog.metadata_items())
+            if len(self._restricted) >= 16:
+                self._restricted.pop(next(iter(self._restricted)))
+            self._restricted[rule] = self.catalog.restrict(self._filters.allowed(rule))
+        return self._restricted[rule]
 
     @property
     def encoder(self) -> Encoder:
@@ -98,30 +118,39 @@ class Searcher:
         return codes, features
 
     def search_codes(self, codes: np.ndarray, features: np.ndarray | None, k: int = 10, pool: int | None = None,
-                     radius: int | None = None, rerank: bool = True) -> list[list[Result]]:
+                     radius: int | None = None, rerank: bool = True, filter: Filter | None = None,
+                     timings: Timings | None = None) -> list[list[Result]]:
+        """The two stages for codes (and features) already computed; `filter`: only items that pass it, exactly;
+        `timings`: where to add the seconds per stage (default: this searcher's running totals)."""
         if k < 1:
-            raise UserError(f"-k must be at least 1, got {k}")
+            raise UserError(f"k must be at least 1, got {k}")
         if pool is None and radius is None:
             pool = 100 * k
+        timings = timings if timings is not None else self.timings
         start = time.perf_counter()
-        candidates = self.catalog.coarse(codes, m=pool, radius=radius)
+        within = self._within(filter) if filter else None
+        candidates = self.catalog.coarse(codes, m=pool, radius=radius, within=within)
         coarse_done = time.perf_counter()
         if rerank and features is not None:
             hits = self.catalog.rerank(features, candidates, k)
         else:
             hits = [Hits(h.ids[:k], h.hamming[:k]) for h in candidates]
-        self.timings.coarse += coarse_done - start
-        self.timings.rerank += time.perf_counter() - coarse_done
+        timings.coarse += coarse_done - start
+        timings.rerank += time.perf_counter() - coarse_done
         return [self._results(h) for h in hits]
 
+    def decode_bytes(self, images: Sequence[bytes]) -> torch.Tensor:
+        """Image files' bytes (uploads) as the model's input batch; raises BadImage for anything unusable."""
+        return torch.stack([load_image_bytes(data, self.encoder.input_size) for data in images])
+
     def search(self, images: Sequence[str | os.PathLike], k: int = 10, pool: int | None = None,
-               radius: int | None = None, rerank: bool = True) -> list[list[Result]]:
+               radius: int | None = None, rerank: bool = True, filter: Filter | None = None) -> list[list[Result]]:
         """Search with image files; see `search_codes` for the stages."""
         codes, features = self.encode(images)
-        return self.search_codes(codes, features, k, pool, radius, rerank)
+        return self.search_codes(codes, features, k, pool, radius, rerank, filter)
 
     def search_ids(self, ids: Sequence[int], k: int = 10, pool: int | None = None, radius: int | None = None,
-                   rerank: bool = True) -> list[list[Result]]:
+                   rerank: bool = True, filter: Filter | None = None) -> list[list[Result]]:
         """Search with items already in the catalog, using their stored codes and features."""
         items = self.catalog.get(np.asarray(ids, dtype=np.int64))
         missing = [i for i, item in zip(ids, items) if item is None]
@@ -129,7 +158,7 @@ class Searcher:
             raise UserError(f"ids not in the catalog: {missing[:10]}")
         codes = np.stack([item.code for item in items])
         features = np.stack([item.features for item in items])
-        return self.search_codes(codes, features, k, pool, radius, rerank)
+        return self.search_codes(codes, features, k, pool, radius, rerank, filter)
 
     def query_labels(self, images: Sequence[str | os.PathLike] = (), ids: Sequence[int] = ()) -> list[str | None]:
         """Each query's label where it is known: an indexed image's or item's own label, else the name of the
@@ -146,7 +175,7 @@ class Searcher:
         metas = self.catalog.metadata(hits.ids)
         distances = hits.distances if hits.distances is not None else [None] * len(hits)
         return [Result(rank + 1, int(i), (m or {}).get("path"), (m or {}).get("label"), int(h),
-                       None if d is None else float(d))
+                       None if d is None else float(d), (m or {}).get("metadata"))
                 for rank, (i, h, d, m) in enumerate(zip(hits.ids, hits.hamming, distances, metas))]
 
     def close(self) -> None:

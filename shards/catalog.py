@@ -581,18 +581,44 @@ class Catalog:
             self._pool = ThreadPoolExecutor(self.threads, initializer=faiss.omp_set_num_threads, initargs=(1,))
         return tasks, list(self._pool.map(function, tasks))
 
-    def coarse(self, query_codes: np.ndarray, m: int | None = None, radius: int | None = None) -> list[Hits]:
+    def restrict(self, ids: np.ndarray) -> CodeIndex:
+        """A flat index over the items among `ids` (sorted ids; absent ones are skipped) for `coarse(within=)`:
+        a filtered search scans exactly the items that pass, as a brute force over them would."""
+        ids = self._check_ids(ids)
+        found_ids, found_codes = [], []
+        for shard, rows in zip(self.shards, self._by_shard(ids)):
+            shard.sync_index()
+            positions, missing = find_sorted(shard.code_index.ids, ids[rows])
+            found_ids.append(ids[rows][~missing])
+            found_codes.append(shard.code_index.codes[positions[~missing]])
+        ids, codes = np.concatenate(found_ids), np.concatenate(found_codes)
+        order = np.argsort(ids, kind="stable")  # id order: ties come out broken by id
+        codes = np.ascontiguousarray(codes[order])
+        return CodeIndex(ids[order], codes, make_faiss_index("flat", self.bits, 0, codes))
+
+    def metadata_items(self) -> Iterator[tuple[int, dict | None]]:
+        """(id, metadata) of every item, shard by shard."""
+        for shard in self.shards:
+            yield from shard.metadata_items()
+
+    def coarse(self, query_codes: np.ndarray, m: int | None = None, radius: int | None = None,
+               within: CodeIndex | None = None) -> list[Hits]:
         """Hamming stage. `m`: the m nearest codes; `radius`: every code within that distance (capped at m if
-        both are given). Exact: equal to one flat index over all items, ties broken by id."""
+        both are given). Exact: equal to one flat index over all items, ties broken by id. `within`: only the
+        items of this index (from `restrict`)."""
         if m is None and radius is None:
             raise CatalogError("coarse search needs m (pool size) or radius")
         if m is not None and m < 1 or radius is not None and radius < 0:
             raise CatalogError(f"pool size must be >= 1 and radius >= 0, got m={m}, radius={radius}")
         queries = pad_codes(self._check_codes(query_codes, "query codes"), self.bits)
-        units = self._search_units()
+        units = self._search_units() if within is None else [within]
         if radius is None:
             tasks, parts = self._run(lambda t: t[0].search_knn(queries[t[1]], m), units, len(queries))
-            return self._merge_knn(parts, tasks, units, len(queries), m)
+            hits = self._merge_knn(parts, tasks, units, len(queries), m)
+            if within is not None:  # positions in a subset are not the catalog's id order
+                for h in hits:
+                    h.positions = None
+            return hits
         tasks, parts = self._run(lambda t: t[0].search_radius(queries[t[1]], radius), units, len(queries))
         per_query: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
         for (_, rows), found in zip(tasks, parts):

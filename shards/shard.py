@@ -456,6 +456,13 @@ class Shard:
             raise CatalogError(f"{self.data_file}: metadata of item {int(item_id)} is damaged; run engine.verify")
         return meta
 
+    def metadata_items(self) -> Iterator[tuple[int, dict | None]]:
+        """(id, metadata) of every item with metadata, in id order, from one consistent transaction."""
+        with self._read() as txn:
+            for key, raw in txn.cursor(db=self._meta):
+                item = int.from_bytes(key, "big")
+                yield item, self._unpack_meta(item, raw)
+
     def checksums(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(packed codes, stored checksums) of `ids` from the in-memory index; raises KeyError for absent ids."""
         self.sync_index()

@@ -47,7 +47,7 @@ def test_query_returns_mostly_same_class(built, tmp_path, cli_env):
     for answer in answers:  # the documented schema
         assert set(answer) == {"query", "results"}
         for rank, r in enumerate(answer["results"], 1):
-            assert set(r) == {"rank", "id", "path", "label", "hamming", "distance"} and r["rank"] == rank
+            assert set(r) == {"rank", "id", "path", "label", "hamming", "distance", "metadata"} and r["rank"] == rank
             assert isinstance(r["hamming"], int) and isinstance(r["distance"], float) and os.path.exists(r["path"])
         distances = [r["distance"] for r in answer["results"]]
         assert distances == sorted(distances)

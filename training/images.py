@@ -1,12 +1,13 @@
 """Decoding image files into the uint8 tensors the model eats, identically for training, indexing and queries."""
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -38,10 +39,24 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
     """uint8 tensor (3, size, size): first frame, EXIF orientation applied, RGB, shorter side resized to
     `size` and centre-cropped. Raises BadImage for anything unusable."""
+    try:
+        file = _open_regular_file(path)
+    except OSError as error:
+        raise BadImage(f"{type(error).__name__}: {error}") from error
+    with file:
+        return _decode(file, size)
+
+
+def load_image_bytes(data: bytes, size: int) -> "torch.Tensor":
+    """`load_image` for an image file's bytes (an upload)."""
+    return _decode(io.BytesIO(data), size)
+
+
+def _decode(file: BinaryIO, size: int) -> "torch.Tensor":
     import torch  # here, not at the top: listing images (build-index --help) needs no torch
 
     try:
-        with warnings.catch_warnings(), _open_regular_file(path) as file:
+        with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as image:
                 if image.width * image.height > MAX_PIXELS:

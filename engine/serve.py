@@ -1,0 +1,365 @@
+"""Serve a catalog over HTTP: `python -m engine.serve --catalog DIR [--host 127.0.0.1] [--port 8000]`.
+
+A thin layer over `engine.search.Searcher` (one query path for the CLI and the service): search by photo or by
+item id with exact label and metadata filters, item lookup and images, crash-safe adds and deletes, health and
+Prometheus metrics, and a web page at `/`. The model and catalog are loaded once; searches run concurrently in
+the server's thread pool (Faiss and torch release the GIL), writes one at a time through the catalog's batches.
+"""
+import argparse
+import hashlib
+import os
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+from engine.errors import run_cli
+from training.errors import UserError, program_name
+
+STATIC = Path(__file__).with_name("static")
+UPLOADS = "uploads"  # where images added through the API are kept, inside the catalog folder
+MAX_K, MAX_POOL = 1000, 100_000
+
+
+class ReadWriteLock:
+    """Many searches at once, or one writer (refreshing the reader's snapshot frees memory searches may read)."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._writing)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                self._condition.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._writing and self._readers == 0)
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writing = False
+                self._condition.notify_all()
+
+
+class Service:
+    """What the endpoints share: the searcher (reader), the writer when writes are allowed, locks and metrics."""
+
+    def __init__(self, catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
+                 read_only: bool = False, token: str | None = None, max_upload_mb: float = 20,
+                 device: str = "auto"):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        from engine.search import Searcher
+        from shards import Catalog
+
+        self.catalog_dir = Path(catalog_dir)
+        self.read_only, self.token = read_only, token
+        self.max_upload = int(max_upload_mb * (1 << 20))
+        self.writer = None if read_only else Catalog.open(self.catalog_dir, readonly=False)
+        self.searcher = Searcher(self.catalog_dir, model_dir, device)
+        self.lock = ReadWriteLock()
+        self.write_lock = threading.Lock()
+        self.registry = CollectorRegistry()
+        self.requests = Counter("latenthash_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.stages = Histogram("latenthash_stage_seconds", "Seconds per search stage", ["stage"],
+                                registry=self.registry,
+                                buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
+        self.items = Gauge("latenthash_catalog_items", "Items in the catalog", registry=self.registry)
+        self.items.set(len(self.searcher.catalog))
+
+    def close(self) -> None:
+        with self.lock.writing():
+            self.searcher.close()
+            if self.writer is not None:
+                self.writer.close()
+
+    def observe(self, timings) -> None:
+        for stage in ("decode", "encode", "coarse", "rerank"):
+            if getattr(timings, stage):
+                self.stages.labels(stage).observe(getattr(timings, stage))
+
+    def refresh(self) -> None:
+        """Make a committed write visible to searches (callers hold the write lock)."""
+        with self.lock.writing():
+            self.searcher.refresh()
+        self.items.set(len(self.searcher.catalog))
+
+
+def create_app(service: Service):
+    """The FastAPI application over `service`. (No `from __future__ import annotations` in this module: FastAPI
+    reads the endpoints' annotations, and the models below are local to keep FastAPI out of `--help`.)"""
+    from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+    from prometheus_client import generate_latest
+    from pydantic import BaseModel, Field
+
+    from engine.filters import Filter
+    from engine.record import item_image, product_metadata, read_record
+    from engine.search import Timings
+    from shards import CatalogError
+    from training.images import BadImage
+
+    class ResultModel(BaseModel):
+        rank: int = Field(description="1 for the best match")
+        id: int = Field(description="the item's catalog id")
+        path: str | None = Field(description="the image file the item was indexed from")
+        label: str | None = Field(description="the item's label (its class folder), if any")
+        hamming: int = Field(description="Hamming distance between the codes (coarse stage)")
+        distance: float | None = Field(description="Euclidean distance between the features (re-ranking stage)")
+        metadata: dict | None = Field(description="the item's product metadata (SKU, title, price, ...)")
+
+    class SearchResponse(BaseModel):
+        query: str = Field(description="the uploaded file's name, or id:ID")
+        results: list[ResultModel]
+
+    class ItemModel(BaseModel):
+        id: int
+        path: str | None
+        label: str | None
+        metadata: dict | None
+
+    class Added(BaseModel):
+        id: int
+
+    class Health(BaseModel):
+        status: str
+        items: int
+        bits: int
+        model: str | None = Field(description="fingerprint of the model that made the catalog's codes")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        service.close()  # after in-flight requests finished (uvicorn's graceful shutdown on SIGTERM)
+
+    app = FastAPI(title="latenthash", lifespan=lifespan,
+                  description="Image search on learned binary hash codes: two-stage search (Hamming pool, "
+                              "Euclidean re-ranking) over a catalog, with exact label and metadata filters.")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        try:
+            response = await call_next(request)
+        except Exception:
+            service.requests.labels(request.url.path.split("/")[1] or "page", "500").inc()
+            raise
+        route = request.scope.get("route")
+        service.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def may_write(authorization: str | None = Header(None, description="Bearer TOKEN, when the server has one")):
+        if service.token is not None and authorization != f"Bearer {service.token}":
+            raise HTTPException(401, "this write needs the server's token as 'Authorization: Bearer TOKEN'")
+        if service.read_only:
+            raise HTTPException(403, "the server is read-only (--read-only)")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    class SearchParameters:
+        def __init__(self, k: int = Query(10, ge=1, le=MAX_K, description="results to return"),
+                     pool: int | None = Query(None, ge=1, le=MAX_POOL, description="Hamming candidates (100*k)"),
+                     radius: int | None = Query(None, ge=0, le=4096, description="pool = codes within this radius"),
+                     rerank: bool = Query(True, description="re-rank the pool by Euclidean distance"),
+                     label: list[str] = Query([], description="only items with any of these labels"),
+                     where: list[str] = Query([], description="only items whose metadata has field:value")):
+            self.k, self.pool, self.radius, self.rerank = k, pool, radius, rerank
+            try:
+                self.filter = Filter.parse(label, where)
+            except UserError as problem:
+                raise HTTPException(422, str(problem)) from None
+
+    def answer(query: str, codes, features, parameters: SearchParameters, timings: Timings) -> dict:
+        with service.lock.reading():
+            results = service.searcher.search_codes(codes, features, parameters.k, parameters.pool,
+                                                    parameters.radius, parameters.rerank,
+                                                    filter=parameters.filter, timings=timings)[0]
+        service.observe(timings)
+        return {"query": query, "results": [asdict(r) for r in results]}
+
+    async def read_upload(image: UploadFile) -> bytes:
+        data = await image.read(service.max_upload + 1)
+        if len(data) > service.max_upload:
+            raise HTTPException(413, f"upload over the {service.max_upload >> 20} MiB limit (--max-upload-mb)")
+        return data
+
+    def encode_upload(data: bytes, timings: Timings):
+        start = time.perf_counter()
+        try:
+            images = service.searcher.decode_bytes([data])
+        except BadImage as problem:
+            raise HTTPException(400, f"not a usable image: {problem}") from None
+        decoded = time.perf_counter()
+        codes, features = service.searcher.encoder.encode(images)
+        timings.decode += decoded - start
+        timings.encode += time.perf_counter() - decoded
+        return codes, features
+
+    @app.post("/search", response_model=SearchResponse, summary="Search with a photo")
+    async def search_photo(image: UploadFile = File(..., description="the query photo"),
+                           parameters: SearchParameters = Depends()):
+        data = await read_upload(image)
+        timings = Timings()
+        try:
+            codes, features = encode_upload(data, timings)
+        except UserError as problem:  # e.g. the catalog records no model
+            raise HTTPException(400, str(problem)) from None
+        return answer(image.filename or "upload", codes, features, parameters, timings)
+
+    @app.get("/search", response_model=SearchResponse, summary="More like this: search with a catalog item")
+    def search_item(id: int = Query(..., ge=0, le=2**63 - 1, description="a catalog item id"),
+                    parameters: SearchParameters = Depends()):
+        with service.lock.reading():
+            item = service.searcher.catalog.get([id])[0]
+        if item is None:
+            raise HTTPException(404, f"no item {id} in the catalog")
+        return answer(f"id:{id}", item.code[None], item.features[None], parameters, Timings())
+
+    def stored_item(item_id: int) -> dict:
+        with service.lock.reading():
+            meta = service.searcher.catalog.metadata([item_id])[0] if item_id >= 0 else None
+            present = service.searcher.catalog.present([item_id])[0] if item_id >= 0 else False
+        if not present:
+            raise HTTPException(404, f"no item {item_id} in the catalog")
+        meta = meta or {}
+        return {"id": item_id, "path": meta.get("path"), "label": meta.get("label"), "metadata": meta.get("metadata")}
+
+    @app.get("/items/{item_id}", response_model=ItemModel, summary="An item's path, label and metadata")
+    def get_item(item_id: int):
+        return stored_item(item_id)
+
+    @app.get("/items/{item_id}/image", summary="An item's image (only files that belong to catalog items)",
+             response_class=Response, responses={200: {"content": {"image/*": {}}}})
+    def get_image(item_id: int):
+        path = stored_item(item_id)["path"]
+        record = read_record(service.catalog_dir)
+        file = item_image(path, record.image_roots if record is not None else [])
+        if file is None:
+            raise HTTPException(404, f"item {item_id} has no image this server may show")
+        return FileResponse(file)
+
+    @app.post("/items", response_model=Added, summary="Add a photo to the catalog",
+              dependencies=[Depends(may_write)])
+    async def add_item(image: UploadFile = File(...), label: str | None = Form(None),
+                       metadata: str | None = Form(None, description="a JSON object: SKU, title, price, ...")):
+        data = await read_upload(image)
+        try:
+            product = product_metadata(metadata)
+            with service.write_lock:
+                item = add_photo(service, data, label, product, encode_upload)
+                service.refresh()
+        except UserError as problem:
+            raise HTTPException(400, str(problem)) from None
+        return {"id": item}
+
+    @app.delete("/items/{item_id}", summary="Delete an item", dependencies=[Depends(may_write)])
+    def delete_item(item_id: int):
+        with service.write_lock:
+            removed = service.writer.delete([item_id]) if item_id >= 0 else 0
+            if removed:
+                service.refresh()
+        if not removed:
+            raise HTTPException(404, f"no item {item_id} in the catalog")
+        return {"deleted": item_id}
+
+    @app.get("/healthz", response_model=Health)
+    def healthz():
+        catalog = service.searcher.catalog
+        return {"status": "ok", "items": len(catalog), "bits": catalog.bits,
+                "model": catalog.manifest.model_fingerprint}
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    def metrics():
+        return PlainTextResponse(generate_latest(service.registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.exception_handler(CatalogError)
+    async def catalog_error(request: Request, exc: CatalogError):
+        return error(500 if "damaged" in str(exc) else 400, str(exc))
+
+    return app
+
+
+def add_photo(service: Service, data: bytes, label: str | None, product: dict | None, encode_upload) -> int:
+    """Keep the upload inside the catalog folder, encode it and add it in one crash-safe batch; returns its id."""
+    from engine.record import display_path, item_id, read_record, write_record
+    from engine.search import Timings
+
+    codes, features = encode_upload(data, Timings())
+    folder = service.catalog_dir / UPLOADS
+    folder.mkdir(exist_ok=True)
+    record = read_record(service.catalog_dir)
+    if record is not None and str(folder.resolve()) not in record.image_roots:
+        record.image_roots.append(str(folder.resolve()))
+        write_record(service.catalog_dir, record)
+    file = (folder / hashlib.sha256(data).hexdigest()[:24]).resolve()
+    item = item_id(file)
+    if not service.writer.present([item])[0]:
+        file.write_bytes(data)
+        meta = dict(path=display_path(file), label=label, size=len(data), mtime_ns=file.stat().st_mtime_ns)
+        if product is not None:
+            meta["metadata"] = product
+        service.writer.add([item], codes, features, [meta])
+    return item
+
+
+EXAMPLES = """examples:
+  python -m engine.serve --catalog catalogs/shop
+  python -m engine.serve --catalog catalogs/shop --host 0.0.0.0 --port 8080 --token "$SECRET"
+  python -m engine.serve --catalog catalogs/shop --read-only
+  curl -F image=@shoe.jpg 'http://127.0.0.1:8000/search?k=5&label=shoes&where=brand:acme'
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=program_name("engine.serve"), description=__doc__.split("\n\n")[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--catalog", required=True, help="catalog directory made by build-index")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="(default %(default)s)")
+    parser.add_argument("--model", help="model directory (default: the one that built the catalog)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--read-only", action="store_true", help="refuse adds and deletes (403)")
+    parser.add_argument("--token", default=os.environ.get("LATENTHASH_TOKEN"),
+                        help="Bearer token every write must carry (default: $LATENTHASH_TOKEN; none: open)")
+    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload (default %(default)s)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        if not 0 < args.port < 65536:
+            raise UserError(f"--port must be in 1..65535, got {args.port}")
+        import uvicorn
+
+        service = Service(args.catalog, args.model, args.read_only, args.token, args.max_upload_mb, args.device)
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

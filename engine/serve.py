@@ -109,6 +109,7 @@ def create_app(service: Service):
     from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
     from prometheus_client import generate_latest
     from pydantic import BaseModel, Field
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from engine.filters import Filter
     from engine.record import item_image, product_metadata, read_record
@@ -137,6 +138,12 @@ def create_app(service: Service):
 
     class Added(BaseModel):
         id: int
+
+    class ErrorModel(BaseModel):
+        error: str = Field(description="what was wrong, in one line")
+
+    def errors(*codes: int) -> dict:
+        return {code: {"model": ErrorModel} for code in codes}
 
     class Health(BaseModel):
         status: str
@@ -173,9 +180,14 @@ def create_app(service: Service):
         if service.read_only:
             raise HTTPException(403, "the server is read-only (--read-only)")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        return error(exc.status_code, str(exc.detail))
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        response = error(exc.status_code, str(exc.detail))
+        if exc.status_code == 405:  # every method of the path (Starlette names only the first route's)
+            allowed = {m for route in app.routes if getattr(route, "methods", None)
+                       and route.path_regex.match(request.url.path) for m in route.methods}
+            response.headers["Allow"] = ", ".join(sorted(allowed))
+        return response
 
     class SearchParameters:
         def __init__(self, k: int = Query(10, ge=1, le=MAX_K, description="results to return"),
@@ -216,7 +228,7 @@ def create_app(service: Service):
         timings.encode += time.perf_counter() - decoded
         return codes, features
 
-    @app.post("/search", response_model=SearchResponse, summary="Search with a photo")
+    @app.post("/search", response_model=SearchResponse, summary="Search with a photo", responses=errors(400, 413))
     async def search_photo(image: UploadFile = File(..., description="the query photo"),
                            parameters: SearchParameters = Depends()):
         data = await read_upload(image)
@@ -227,7 +239,8 @@ def create_app(service: Service):
             raise HTTPException(400, str(problem)) from None
         return answer(image.filename or "upload", codes, features, parameters, timings)
 
-    @app.get("/search", response_model=SearchResponse, summary="More like this: search with a catalog item")
+    @app.get("/search", response_model=SearchResponse, summary="More like this: search with a catalog item",
+             responses=errors(404))
     def search_item(id: int = Query(..., ge=0, le=2**63 - 1, description="a catalog item id"),
                     parameters: SearchParameters = Depends()):
         with service.lock.reading():
@@ -245,12 +258,13 @@ def create_app(service: Service):
         meta = meta or {}
         return {"id": item_id, "path": meta.get("path"), "label": meta.get("label"), "metadata": meta.get("metadata")}
 
-    @app.get("/items/{item_id}", response_model=ItemModel, summary="An item's path, label and metadata")
+    @app.get("/items/{item_id}", response_model=ItemModel, summary="An item's path, label and metadata",
+             responses=errors(404))
     def get_item(item_id: int):
         return stored_item(item_id)
 
     @app.get("/items/{item_id}/image", summary="An item's image (only files that belong to catalog items)",
-             response_class=Response, responses={200: {"content": {"image/*": {}}}})
+             response_class=Response, responses={200: {"content": {"image/*": {}}}, **errors(404)})
     def get_image(item_id: int):
         path = stored_item(item_id)["path"]
         record = read_record(service.catalog_dir)
@@ -260,7 +274,7 @@ def create_app(service: Service):
         return FileResponse(file)
 
     @app.post("/items", response_model=Added, summary="Add a photo to the catalog",
-              dependencies=[Depends(may_write)])
+              dependencies=[Depends(may_write)], responses=errors(400, 401, 403, 413))
     async def add_item(image: UploadFile = File(...), label: str | None = Form(None),
                        metadata: str | None = Form(None, description="a JSON object: SKU, title, price, ...")):
         data = await read_upload(image)
@@ -273,7 +287,8 @@ def create_app(service: Service):
             raise HTTPException(400, str(problem)) from None
         return {"id": item}
 
-    @app.delete("/items/{item_id}", summary="Delete an item", dependencies=[Depends(may_write)])
+    @app.delete("/items/{item_id}", summary="Delete an item", dependencies=[Depends(may_write)],
+                responses=errors(401, 403, 404))
     def delete_item(item_id: int):
         with service.write_lock:
             removed = service.writer.delete([item_id]) if item_id >= 0 else 0

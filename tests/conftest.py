@@ -1,11 +1,13 @@
 """Shared fixtures: a small generated image folder and a tiny model trained on it (built once per session)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from engine.build_index import build_index
 from engine.synthetic import make_image_folder
 from training.train import TrainConfig, train
 
@@ -25,6 +27,23 @@ def trained_model(image_folder, tmp_path_factory) -> Path:
     train(TrainConfig(data=str(image_folder), out=str(out), backbone="cifar_convnet_small", bits=16, epochs=8,
                       batch_size=32, lr=8.0, val_split=0.2, tta=False))
     return out
+
+
+@pytest.fixture(scope="session")
+def shop(image_folder, trained_model, tmp_path_factory):
+    """A catalog of the test images with product metadata: brand acme on every third image."""
+    root = tmp_path_factory.mktemp("shop")
+    lines = []
+    for n, file in enumerate(sorted(image_folder.rglob("*.png"))):
+        lines.append(json.dumps({"path": str(file.relative_to(image_folder)), "sku": f"SKU-{n}",
+                                 "title": f"<b>item {n}</b>", "price": 10 + n % 7,
+                                 "brand": "acme" if n % 3 == 0 else "other"}))
+    lines.append(json.dumps({"path": "no/such.png", "sku": "lost"}))
+    (root / "items.jsonl").write_text("\n".join(lines) + "\n")
+    summary = build_index(image_folder, trained_model, root / "catalog", shards=3, progress=False, workers=0,
+                          metadata=root / "items.jsonl")
+    assert summary.metadata_unmatched and summary.metadata_unmatched[0]["path"] == "no/such.png"
+    return root / "catalog"
 
 
 @pytest.fixture

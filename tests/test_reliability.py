@@ -181,12 +181,17 @@ def test_import_resumes_and_reports_conflicts(tmp_path, cli_env):
 
 
 def test_sigkilled_imports_resume_with_every_item_once(tmp_path, cli_env):
-    source = make_catalog(tmp_path / "src", n=110000, shards=3)
+    source = tmp_path / "src"
+    rng = np.random.default_rng(3)
+    with Catalog.create(source, BITS, 256, shards=3) as catalog:  # 256-d: each 50,000-item batch takes a while
+        for start in range(0, 110000, 55000):
+            ids = np.arange(start, start + 55000, dtype=np.int64)
+            catalog.add(ids, rng.integers(0, 256, (55000, BITS // 8), dtype=np.uint8),
+                        rng.standard_normal((55000, 256)).astype(np.float32), [{"path": f"/x/{i}"} for i in ids])
     h5 = tmp_path / "all.h5"
     export_catalog(source, h5, progress=False)
     with Catalog.open(source) as catalog:
         expected = {item.id: (item.code.tobytes(), item.features.tobytes(), item.meta["path"]) for item in catalog}
-    rng = np.random.default_rng(3)
     kills_mid_import = 0
     for trial in range(3):
         copy = tmp_path / f"copy{trial}"
@@ -195,7 +200,7 @@ def test_sigkilled_imports_resume_with_every_item_once(tmp_path, cli_env):
         deadline = time.time() + 60
         while not (copy / "manifest.json").exists() and time.time() < deadline and process.poll() is None:
             time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.8))  # somewhere in its three batches (50,000, 50,000, 10,000 items)
+        time.sleep(rng.uniform(0.1, 1.5))  # somewhere in its three batches (50,000, 50,000, 10,000 items)
         process.send_signal(signal.SIGKILL)
         process.wait()
         with Catalog.open(copy) as partial:

@@ -4,21 +4,19 @@ import io
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from engine.build_index import build_index
 from engine.filters import Filter
 from engine.search import Searcher
 from engine.synthetic import make_image_folder
 from shards import Catalog, hamming_distances
+from tests.server import running_server
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -26,23 +24,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from engine.serve import Service, create_app  # noqa: E402
 
 FIELDS = {"rank", "id", "path", "label", "hamming", "distance", "metadata"}
-
-
-@pytest.fixture(scope="module")
-def shop(image_folder, trained_model, tmp_path_factory):
-    """A catalog of the test images with product metadata: brand acme on every third image."""
-    root = tmp_path_factory.mktemp("shop")
-    lines = []
-    for n, file in enumerate(sorted(image_folder.rglob("*.png"))):
-        lines.append(json.dumps({"path": str(file.relative_to(image_folder)), "sku": f"SKU-{n}",
-                                 "title": f"<b>item {n}</b>", "price": 10 + n % 7,
-                                 "brand": "acme" if n % 3 == 0 else "other"}))
-    lines.append(json.dumps({"path": "no/such.png", "sku": "lost"}))
-    (root / "items.jsonl").write_text("\n".join(lines) + "\n")
-    summary = build_index(image_folder, trained_model, root / "catalog", shards=3, progress=False, workers=0,
-                          metadata=root / "items.jsonl")
-    assert summary.metadata_unmatched and summary.metadata_unmatched[0]["path"] == "no/such.png"
-    return root / "catalog"
 
 
 @pytest.fixture
@@ -191,32 +172,13 @@ def test_client_mistakes_get_4xx_never_5xx(shop, image_folder):
         assert "latenthash_catalog_items 240.0" in metrics
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_real_server_answers_and_stops_cleanly_on_sigterm(shop, cli_env):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "engine.serve", "--catalog", str(shop), "--port", str(port),
-                               "--read-only"], env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline, health = time.time() + 120, None
-        while time.time() < deadline and server.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-                    health = json.loads(response.read())
-                break
-            except OSError:
-                time.sleep(0.3)
-        assert health is not None and health["items"] == 240, server.stdout.read() if server.poll() else ""
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+    with running_server(shop, cli_env, "--read-only") as (base, server):
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+            assert json.loads(response.read())["items"] == 240
+        with urllib.request.urlopen(f"{base}/", timeout=5) as response:
             assert b"search by photo" in response.read()
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
         log = server.stdout.read()
         assert "Application shutdown complete" in log and "Finished server process" in log and "Traceback" not in log
-    finally:
-        if server.poll() is None:
-            server.kill()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
@@ -70,6 +70,8 @@ def _decode(file: BinaryIO, size: int) -> "torch.Tensor":
                 pixels = np.asarray(image, dtype=np.uint8)
     except BadImage:
         raise
+    except UnidentifiedImageError as error:
+        raise BadImage("UnidentifiedImageError: not an image file Pillow can read") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
             EOFError) as error:
         raise BadImage(f"{type(error).__name__}: {error}") from error

@@ -40,6 +40,11 @@ class Timings:
     rerank: float = 0.0
 
 
+def _text(label: object) -> str | None:
+    """Labels are names (an imported catalog may hold bare class numbers)."""
+    return None if label is None else str(label)
+
+
 class Searcher:
     """Two-stage search over a catalog: Hamming pool, then Euclidean re-ranking on stored features.
 
@@ -174,7 +179,7 @@ class Searcher:
     def _results(self, hits: Hits) -> list[Result]:
         metas = self.catalog.metadata(hits.ids)
         distances = hits.distances if hits.distances is not None else [None] * len(hits)
-        return [Result(rank + 1, int(i), (m or {}).get("path"), (m or {}).get("label"), int(h),
+        return [Result(rank + 1, int(i), (m or {}).get("path"), _text((m or {}).get("label")), int(h),
                        None if d is None else float(d), (m or {}).get("metadata"))
                 for rank, (i, h, d, m) in enumerate(zip(hits.ids, hits.hamming, distances, metas))]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.synthetic import make_image_folder
-from tests.server import running_server
+from engine.serve import running_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

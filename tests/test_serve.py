@@ -16,7 +16,7 @@ from engine.filters import Filter
 from engine.search import Searcher
 from engine.synthetic import make_image_folder
 from shards import Catalog, hamming_distances
-from tests.server import running_server
+from engine.serve import running_server
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

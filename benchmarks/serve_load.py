@@ -77,7 +77,8 @@ def load(port: int, make_request, clients: int, seconds: float, background=None)
     for thread in threads:
         thread.join()
     every = [t for per_client in latencies for t in per_client]
-    return dict(clients=clients, requests=len(every), failures=len(failures), qps=len(every) / seconds,
+    return dict(clients=clients, requests=len(every), failures=len(failures),
+                failure_kinds=sorted({str(f) for f in failures}), qps=len(every) / seconds,
                 p50_ms=1000 * statistics.median(every), p99_ms=1000 * float(np.percentile(every, 99)),
                 writes=len(writes), write_p50_ms=1000 * statistics.median(writes) if writes else None)
 
@@ -121,7 +122,7 @@ def main() -> None:
         synthetic_catalog(synthetic, args.items)
     rng = random.Random(0)
     query_ids = [rng.randrange(args.items) for _ in range(2000)]
-    with Searcher(synthetic) as searcher:
+    with Searcher(synthetic, threads=1) as searcher:  # as the server searches
         searcher.search_ids(query_ids[:1], k=10)  # the first search builds the merged index and feature table
         timings = []
         for q in query_ids[:300]:

@@ -53,9 +53,11 @@ class Searcher:
     """
 
     def __init__(self, catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", threads: int | None = None):
+        """`threads`: Faiss threads per search (default: the catalog's choice); a server that runs searches
+        concurrently uses 1 and lets the requests fill the cores."""
         self.catalog_dir = Path(catalog_dir)
-        self.catalog = Catalog.open(self.catalog_dir, readonly=True)
+        self.catalog = Catalog.open(self.catalog_dir, readonly=True, threads=threads)
         self._model_dir = model_dir
         self._device = device
         self._encoder = None

@@ -77,7 +77,9 @@ class Service:
         self.read_only, self.token = read_only, token
         self.max_upload = int(max_upload_mb * (1 << 20))
         self.writer = None if read_only else Catalog.open(self.catalog_dir, readonly=False)
-        self.searcher = Searcher(self.catalog_dir, model_dir, device)
+        # One Faiss thread per search: concurrent requests fill the cores (a second thread never speeds up one
+        # query on these machines, DESIGN.md), and no OpenMP teams are started from many threads at once.
+        self.searcher = Searcher(self.catalog_dir, model_dir, device, threads=1)
         self.lock = ReadWriteLock()
         self.write_lock = threading.Lock()
         self.registry = CollectorRegistry()
@@ -372,35 +374,37 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(catalog: str | os.PathLike, env: dict | None, *options: str,
+def running_server(catalog: str | os.PathLike, env: dict | None, *options: str, log: str | os.PathLike | None = None,
                    timeout: float = 120) -> Iterator[tuple[str, subprocess.Popen]]:
     """(base URL, process) of `python -m engine.serve` on 127.0.0.1 and a free port, once it answers /healthz;
-    stopped (SIGTERM, then SIGKILL) afterwards. For tests and benchmarks."""
+    stopped (SIGTERM, then SIGKILL) afterwards. Its output goes to `log` (default: nowhere), never to a pipe
+    nobody reads, which would stop the server once the pipe is full. For tests and benchmarks."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "engine.serve", "--catalog", str(catalog), "--port", str(port),
-                               *options], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited: {server.stdout.read()}")
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
-                    json.loads(response.read())
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
-        yield base, server
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+    with open(log or os.devnull, "w") as output:
+        server = subprocess.Popen([sys.executable, "-m", "engine.serve", "--catalog", str(catalog), "--port",
+                                   str(port), *options], env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + timeout
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"the server exited with status {server.returncode}")
+                try:
+                    with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:
+                        json.loads(response.read())
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(0.3)
+            yield base, server
+        finally:
+            if server.poll() is None:
+                server.send_signal(signal.SIGTERM)
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
 
 
 EXAMPLES = """examples:

@@ -172,13 +172,13 @@ def test_client_mistakes_get_4xx_never_5xx(shop, image_folder):
         assert "latenthash_catalog_items 240.0" in metrics
 
 
-def test_a_real_server_answers_and_stops_cleanly_on_sigterm(shop, cli_env):
-    with running_server(shop, cli_env, "--read-only") as (base, server):
+def test_a_real_server_answers_and_stops_cleanly_on_sigterm(shop, cli_env, tmp_path):
+    with running_server(shop, cli_env, "--read-only", log=tmp_path / "server.log") as (base, server):
         with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
             assert json.loads(response.read())["items"] == 240
         with urllib.request.urlopen(f"{base}/", timeout=5) as response:
             assert b"search by photo" in response.read()
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
-        log = server.stdout.read()
+        log = (tmp_path / "server.log").read_text()
         assert "Application shutdown complete" in log and "Finished server process" in log and "Traceback" not in log

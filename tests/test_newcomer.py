@@ -18,7 +18,8 @@ from training.errors import UserError
 from training.train import check_config, train
 from tests.test_data import write_cifar10, write_idx
 
-CLIS = ["engine.build_index", "engine.query", "engine.export", "engine.verify", "engine.demo", "training.train"]
+CLIS = ["engine.build_index", "engine.query", "engine.export", "engine.verify", "engine.demo", "engine.serve",
+        "training.train"]
 
 
 def cli(module, args, env, timeout=300):

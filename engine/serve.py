@@ -277,7 +277,9 @@ def create_app(service: Service):
         if not present:
             raise HTTPException(404, f"no item {item_id} in the catalog")
         meta = meta or {}
-        return {"id": item_id, "path": meta.get("path"), "label": meta.get("label"), "metadata": meta.get("metadata")}
+        label = meta.get("label")
+        return {"id": item_id, "path": meta.get("path"), "label": None if label is None else str(label),
+                "metadata": meta.get("metadata")}
 
     @app.get("/items/{item_id}", response_model=ItemModel, summary="An item's path, label and metadata",
              responses=errors(404))

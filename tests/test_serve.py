@@ -182,3 +182,15 @@ def test_a_real_server_answers_and_stops_cleanly_on_sigterm(shop, cli_env, tmp_p
         assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
         log = (tmp_path / "server.log").read_text()
         assert "Application shutdown complete" in log and "Finished server process" in log and "Traceback" not in log
+
+
+def test_items_of_an_imported_catalog_with_numeric_labels(tmp_path):
+    """Labels are text in every answer, also where an import stored bare class numbers."""
+    rng = np.random.default_rng(0)
+    with Catalog.create(tmp_path / "c", 16, 8, shards=2) as catalog:
+        catalog.add(np.arange(50), rng.integers(0, 256, (50, 2), dtype=np.uint8),
+                    rng.standard_normal((50, 8)).astype(np.float32), [{"path": None, "label": i % 3} for i in range(50)])
+    with client_for(tmp_path / "c", read_only=True) as client:
+        assert client.get("/items/7").json() == {"id": 7, "path": None, "label": "1", "metadata": None}
+        answer = client.get("/search?id=7&k=5")
+        assert answer.status_code == 200 and all(isinstance(r["label"], str) for r in answer.json()["results"])

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from engine.metrics import retrieval_metrics
 from engine.synthetic import make_image_folder
 from training.cnnh import cnnh_target_codes
+from training.config import CHECKPOINT, TrainConfig
 from training.data import load_dataset
 from training.errors import UserError
-from training.model import load_model
-from training.config import CHECKPOINT, TrainConfig
 from training.loop import evaluate
+from training.model import load_model
 from training.train import train
 
 
@@ -90,6 +90,21 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, image_folder, cli_env):
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
+    uninterrupted = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    for ours, theirs in zip(records, uninterrupted):  # the same schedule and batches: the same trajectory
+        assert ours["step"] == theirs["step"] and ours["val_acc"] == pytest.approx(theirs["val_acc"], abs=1e-6)
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+
+
+def test_default_recipe_loss_falls_every_epoch(tmp_path):
+    """A guard against the recipe diverging early (issue 16): with every default (learning rate, momentum,
+    Lookahead, BatchNorm settings), the training loss must fall epoch over epoch through warm-up and peak."""
+    make_image_folder(tmp_path / "data", per_class=40, size=32, seed=0)
+    summary = train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "model"),
+                                backbone="cifar_convnet_small", bits=16, epochs=5, batch_size=64, tta=False,
+                                val_split=0.2))
+    losses = [epoch["train_loss"] for epoch in summary["history"]]
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
 
 
 def _run(args, env):

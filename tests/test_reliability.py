@@ -197,15 +197,21 @@ def test_sigkilled_imports_resume_with_every_item_once(tmp_path, cli_env):
         copy = tmp_path / f"copy{trial}"
         process = subprocess.Popen([sys.executable, "-m", "engine.export", "--import", str(h5), "--catalog",
                                     str(copy)], env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while not (copy / "manifest.json").exists() and time.time() < deadline and process.poll() is None:
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0.1, 1.5))  # somewhere in its three batches (50,000, 50,000, 10,000 items)
+        # Kill while a batch is being committed: its journal exists from before the first shard's commit until
+        # after the last one. Trial n waits for the journal of batch n (of 3), then up to 50 ms more.
+        deadline, appearances, present = time.time() + 120, 0, False
+        while time.time() < deadline and process.poll() is None and appearances <= trial:
+            now = (copy / "add.journal").exists()
+            appearances += now and not present
+            present = now
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.05))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        cut_short = (copy / "add.journal").exists()  # opening rolls it back: look first
         with Catalog.open(copy) as partial:
-            kills_mid_import += 0 < len(partial) < 110000 or (copy / "add.journal").exists()
-            assert len(partial) in (0, 50000, 100000, 110000)
+            kills_mid_import += cut_short or 0 < len(partial) < 110000
+            assert len(partial) in (0, 50000, 100000, 110000) and not (copy / "add.journal").exists()
         result = cli("engine.export", ["--import", h5, "--catalog", copy], cli_env)
         assert result.returncode == 0, result.stderr
         with Catalog.open(copy) as done:

@@ -179,7 +179,7 @@ class Catalog:
         self._merged: CodeIndex | None = None
         self._merged_from: list[CodeIndex] = []
         self._id_order: tuple[list[CodeIndex], np.ndarray] | None = None
-        self._locator: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._locator: tuple[np.ndarray, np.ndarray] | None = None
         if not readonly:
             self._take_writer_lock()
         self.shards: list[Shard] = []
@@ -459,7 +459,7 @@ class Catalog:
         the ids' places in the catalog's id order if known (from the coarse stage), else they are looked up."""
         width = self.manifest.layout.feature_bytes
         if self.readonly:
-            known, addresses, _, _ = self._feature_locator()
+            known, addresses = self._feature_locator()
             if positions is None or len(ids) and (positions.max() >= len(known)
                                                   or not np.array_equal(known[positions], ids)):
                 positions, missing = find_sorted(known, ids)
@@ -475,17 +475,13 @@ class Catalog:
                     raise CatalogError(f"{self.path}: ids not in the catalog: {error.args[0][:10]}") from None
         return rows
 
-    def _feature_locator(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """A reader's (every id sorted, where its feature row lies in memory, its checksum, its code): one search
-        and one gather find the rows of a candidate pool across all shards, and check them. Built once per
-        snapshot (~0.1 s per million items)."""
+    def _feature_locator(self) -> tuple[np.ndarray, np.ndarray]:
+        """A reader's (every id sorted, where its feature row lies in memory): one search and one gather find
+        the rows of a candidate pool across all shards. Built once per snapshot (~0.1 s per million items)."""
         if self._locator is None:
             ids, order = self._ids_in_order()
             addresses = np.concatenate([shard.feature_addresses() for shard in self.shards])
-            sums = np.concatenate([shard.sums for shard in self.shards])
-            width = self.manifest.layout.code_bytes
-            codes = np.concatenate([shard.code_index.codes[:, :width] for shard in self.shards])
-            self._locator = ids, addresses[order], sums[order], codes[order]
+            self._locator = ids, addresses[order]
         return self._locator
 
     def _ids_in_order(self) -> tuple[np.ndarray, np.ndarray]:
@@ -508,16 +504,11 @@ class Catalog:
 
     def _check_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Raise if a stored feature row, or the code searched for it, no longer matches the item's checksum."""
-        if self.readonly:
-            known, _, sums, codes = self._feature_locator()
-            positions = find_sorted(known, ids)[0]
-            expected, codes = sums[positions], codes[positions]
-        else:
-            expected = np.empty(len(ids), np.uint32)
-            codes = np.empty((len(ids), self.manifest.layout.code_bytes), np.uint8)
-            for shard, positions in zip(self.shards, self._by_shard(ids)):
-                if len(positions):
-                    codes[positions], expected[positions] = shard.checksums(ids[positions])
+        expected = np.empty(len(ids), np.uint32)
+        codes = np.empty((len(ids), self.manifest.layout.code_bytes), np.uint8)
+        for shard, positions in zip(self.shards, self._by_shard(ids)):
+            if len(positions):
+                codes[positions], expected[positions] = shard.checksums(ids[positions])
         bad = ids[row_checksums(codes, rows) != expected]
         if len(bad):
             shard = self.shards[int(bad[0]) % self.manifest.shard_count]

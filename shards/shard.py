@@ -68,13 +68,18 @@ class ShardLayout:
         return SLOT_BYTES + self.code_bytes + CHECKSUM_BYTES
 
 
+def item_checksum(code: bytes | np.ndarray, row: bytes | np.ndarray) -> int:
+    """CRC-32 of an item's packed code followed by its stored feature bytes."""
+    return zlib.crc32(row, zlib.crc32(code))
+
+
 def row_checksums(codes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """CRC-32 of each item's packed code followed by its stored feature bytes."""
+    """`item_checksum` of each row."""
     if len(codes) == 0:
         return np.empty(0, np.uint32)
     codes = np.ascontiguousarray(codes, np.uint8)
     rows = np.ascontiguousarray(rows).view(np.uint8).reshape(len(rows), -1)
-    return np.fromiter((zlib.crc32(r, zlib.crc32(c)) for c, r in zip(codes, rows)), np.uint32, len(codes))
+    return np.fromiter((item_checksum(c, r) for c, r in zip(codes, rows)), np.uint32, len(codes))
 
 
 def id_keys(ids: np.ndarray) -> list[bytes]:
@@ -522,7 +527,7 @@ class Shard:
                 problem = None
                 if len(row) != width:
                     problem = f"its feature row (block {block}) is missing"
-                elif zlib.crc32(row, zlib.crc32(code)) != int.from_bytes(value[-CHECKSUM_BYTES:], "big"):
+                elif item_checksum(code, row) != int.from_bytes(value[-CHECKSUM_BYTES:], "big"):
                     problem = "checksum mismatch: its code or feature row is damaged"
                 try:
                     meta = self._unpack_meta(item_id, metas.get(key))

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from engine.errors import run_cli
-from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, label_of,
+from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, item_metadata, label_of,
                            read_metadata_file, read_record, regular_file_status, write_record)
+from shards.codes import MAX_BITS
 from training.errors import UserError, program_name
 from training.hashers import SUPERVISED, fit_hasher, save_hasher
 from training.images import list_images
@@ -104,8 +105,8 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     for name, value in (("shards", shards), ("batch size", batch_size), ("fit samples", fit_samples)):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
-    if code_bits is not None and not 1 <= code_bits <= 4096:
-        raise UserError(f"code bits must be in [1, 4096], got {code_bits}")
+    if code_bits is not None and not 1 <= code_bits <= MAX_BITS:
+        raise UserError(f"code bits must be in [1, {MAX_BITS}], got {code_bits}")
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"{model_dir} is not a latenthash model directory (no config.json)")
     import torch
@@ -169,7 +170,8 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         with torch.inference_mode():
             for batch in encode_files(encoder, todo_files, batch_size, workers):
                 positions = [todo[p] for p in batch.positions]
-                metas = [item_metadata(files[p], root, stats[p], products.get(files[p].resolve())) for p in positions]
+                metas = [item_metadata(files[p], label_of(files[p], root), stats[p], products.get(files[p].resolve()))
+                         for p in positions]
                 if positions:
                     catalog.add(ids[positions], batch.codes, batch.features, metas)
                 summary.indexed += len(positions)
@@ -184,14 +186,6 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         summary.images_per_second = round(len(todo_files) / (time.perf_counter() - encode_start), 1)
     (catalog_dir / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
-
-
-def item_metadata(file: Path, root: Path, status: os.stat_result, product: dict | None) -> dict:
-    """What an item records about its image: path, label, size and mtime (to notice changes), product data."""
-    meta = dict(path=display_path(file), label=label_of(file, root), size=status.st_size, mtime_ns=status.st_mtime_ns)
-    if product is not None:
-        meta["metadata"] = product
-    return meta
 
 
 def _regular_files(files: list[Path]) -> tuple[list[Path], list[os.stat_result], list[dict]]:

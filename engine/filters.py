@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from engine.record import stored_label
 from training.errors import UserError
 
 
@@ -48,10 +49,10 @@ class FilterIndex:
         by_label: dict[str, list[int]] = defaultdict(list)
         by_field: dict[tuple[str, str], list[int]] = defaultdict(list)
         for item, meta in items:
-            meta = meta or {}
-            if meta.get("label") is not None:
-                by_label[str(meta["label"])].append(item)
-            product = meta.get("metadata")
+            label = stored_label(meta)
+            if label is not None:
+                by_label[label].append(item)
+            product = (meta or {}).get("metadata")
             if isinstance(product, dict):
                 for field, value in product.items():
                     by_field[(field, field_text(value))].append(item)

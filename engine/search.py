@@ -12,7 +12,7 @@ import torch
 
 from engine.encode import Encoder, load_encoder
 from engine.filters import Filter, FilterIndex
-from engine.record import item_id, read_record
+from engine.record import item_id, read_record, stored_label
 from shards import Catalog, CatalogError, Hits
 from shards.index import CodeIndex
 from training.errors import UserError
@@ -38,11 +38,6 @@ class Timings:
     encode: float = 0.0
     coarse: float = 0.0
     rerank: float = 0.0
-
-
-def _text(label: object) -> str | None:
-    """Labels are names (an imported catalog may hold bare class numbers)."""
-    return None if label is None else str(label)
 
 
 class Searcher:
@@ -175,13 +170,13 @@ class Searcher:
         keys = [item_id(Path(p).resolve()) for p in images] + list(ids)
         stored = self.catalog.metadata(np.asarray(keys, dtype=np.int64)) if keys else []
         folders = [Path(p).resolve().parent.name for p in images] + [None] * len(ids)
-        return [str(meta["label"]) if meta and meta.get("label") is not None
-                else folder if folder in classes else None for meta, folder in zip(stored, folders)]
+        return [label if (label := stored_label(meta)) is not None else folder if folder in classes else None
+                for meta, folder in zip(stored, folders)]
 
     def _results(self, hits: Hits) -> list[Result]:
         metas = self.catalog.metadata(hits.ids)
         distances = hits.distances if hits.distances is not None else [None] * len(hits)
-        return [Result(rank + 1, int(i), (m or {}).get("path"), _text((m or {}).get("label")), int(h),
+        return [Result(rank + 1, int(i), (m or {}).get("path"), stored_label(m), int(h),
                        None if d is None else float(d), (m or {}).get("metadata"))
                 for rank, (i, h, d, m) in enumerate(zip(hits.ids, hits.hamming, distances, metas))]
 

@@ -73,8 +73,12 @@ class Service:
         from engine.search import Searcher
         from shards import Catalog
 
+        from engine.record import read_record
+
         self.catalog_dir = Path(catalog_dir)
         self.read_only, self.token = read_only, token
+        record = read_record(self.catalog_dir)
+        self.image_roots = record.image_roots if record is not None else []  # extended by add_photo
         self.max_upload = int(max_upload_mb * (1 << 20))
         self.writer = None if read_only else Catalog.open(self.catalog_dir, readonly=False)
         # One Faiss thread per search: concurrent requests fill the cores (a second thread never speeds up one
@@ -120,9 +124,10 @@ def create_app(service: Service):
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from engine.filters import Filter
-    from engine.record import item_image, product_metadata, read_record
+    from engine.record import item_image, product_metadata, stored_label
     from engine.search import Timings
     from shards import CatalogError
+    from shards.codes import MAX_BITS
     from training.images import BadImage
 
     class ResultModel(BaseModel):
@@ -209,7 +214,7 @@ def create_app(service: Service):
     class SearchParameters:
         def __init__(self, k: int = Query(10, ge=1, le=MAX_K, description="results to return"),
                      pool: int | None = Query(None, ge=1, le=MAX_POOL, description="Hamming candidates (100*k)"),
-                     radius: int | None = Query(None, ge=0, le=4096, description="pool = codes within this radius"),
+                     radius: int | None = Query(None, ge=0, le=MAX_BITS, description="pool = codes within this radius"),
                      rerank: bool = Query(True, description="re-rank the pool by Euclidean distance"),
                      label: list[str] = Query([], description="only items with any of these labels"),
                      where: list[str] = Query([], description="only items whose metadata has field:value")):
@@ -272,14 +277,12 @@ def create_app(service: Service):
 
     def stored_item(item_id: int) -> dict:
         with service.lock.reading():
-            meta = service.searcher.catalog.metadata([item_id])[0] if item_id >= 0 else None
-            present = service.searcher.catalog.present([item_id])[0] if item_id >= 0 else False
+            meta = service.searcher.catalog.metadata([item_id])[0]
+            present = service.searcher.catalog.present([item_id])[0]
         if not present:
             raise HTTPException(404, f"no item {item_id} in the catalog")
-        meta = meta or {}
-        label = meta.get("label")
-        return {"id": item_id, "path": meta.get("path"), "label": None if label is None else str(label),
-                "metadata": meta.get("metadata")}
+        return {"id": item_id, "path": (meta or {}).get("path"), "label": stored_label(meta),
+                "metadata": (meta or {}).get("metadata")}
 
     @app.get("/items/{item_id}", response_model=ItemModel, summary="An item's path, label and metadata",
              responses=errors(404))
@@ -289,9 +292,7 @@ def create_app(service: Service):
     @app.get("/items/{item_id}/image", summary="An item's image (only files that belong to catalog items)",
              response_class=Response, responses={200: {"content": {"image/*": {}}}, **errors(404)})
     def get_image(item_id: int = ITEM_ID):
-        path = stored_item(item_id)["path"]
-        record = read_record(service.catalog_dir)
-        file = item_image(path, record.image_roots if record is not None else [])
+        file = item_image(stored_item(item_id)["path"], service.image_roots)
         if file is None:
             raise HTTPException(404, f"item {item_id} has no image this server may show")
         return FileResponse(file)
@@ -314,7 +315,7 @@ def create_app(service: Service):
                 responses=errors(401, 403, 404))
     def delete_item(item_id: int = ITEM_ID):
         with service.write_lock:
-            removed = service.writer.delete([item_id]) if item_id >= 0 else 0
+            removed = service.writer.delete([item_id])
             if removed:
                 service.refresh()
         if not removed:
@@ -348,7 +349,7 @@ def create_app(service: Service):
 
 def add_photo(service: Service, data: bytes, label: str | None, product: dict | None, encode_upload) -> int:
     """Keep the upload inside the catalog folder, encode it and add it in one crash-safe batch; returns its id."""
-    from engine.record import display_path, item_id, read_record, write_record
+    from engine.record import item_id, item_metadata, read_record, write_record
     from engine.search import Timings
 
     codes, features = encode_upload(data, Timings())
@@ -358,14 +359,12 @@ def add_photo(service: Service, data: bytes, label: str | None, product: dict | 
     if record is not None and str(folder.resolve()) not in record.image_roots:
         record.image_roots.append(str(folder.resolve()))
         write_record(service.catalog_dir, record)
+        service.image_roots = record.image_roots
     file = (folder / hashlib.sha256(data).hexdigest()[:24]).resolve()
     item = item_id(file)
     if not service.writer.present([item])[0]:
         file.write_bytes(data)
-        meta = dict(path=display_path(file), label=label, size=len(data), mtime_ns=file.stat().st_mtime_ns)
-        if product is not None:
-            meta["metadata"] = product
-        service.writer.add([item], codes, features, [meta])
+        service.writer.add([item], codes, features, [item_metadata(file, label, file.stat(), product)])
     return item
 
 

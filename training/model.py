@@ -178,6 +178,7 @@ def _fingerprint(weights: bytes, config: dict) -> str:
     return digest.hexdigest()[:16]
 
 
+MAX_BITS = 4096  # code length bound: what a catalog stores (shards.codes.MAX_BITS says the same)
 MAX_INPUT_SIZE = 2048  # pixels per side: a 2048x2048 batch of 256 is already 3 GB of uint8
 
 
@@ -198,7 +199,7 @@ def check_model_config(config: dict, where: Path) -> None:
 
     if not isinstance(config.get("backbone"), str) or not config["backbone"]:
         fail("backbone", "a timm model name")
-    integer("bits", 1, 4096)
+    integer("bits", 1, MAX_BITS)
     integer("input_size", 8, MAX_INPUT_SIZE)
     integer("feature_dim", 0, 65536)
     names = config.get("class_names")

@@ -20,7 +20,7 @@ from training.errors import UserError, program_name, run_cli
 def check_config(config: TrainConfig) -> None:
     """Every argument that can be checked without data, checked before any image is decoded or any folder is
     made: a mistake costs a second, not a decoded dataset and an empty model folder."""
-    from training.model import MAX_INPUT_SIZE, check_backbone_name
+    from training.model import MAX_BITS, MAX_INPUT_SIZE, check_backbone_name
 
     for name, value, low in (("bits", config.bits, 1), ("batch-size", config.batch_size, 1),
                              ("input-size", config.input_size, 8)):
@@ -28,8 +28,8 @@ def check_config(config: TrainConfig) -> None:
             raise UserError(f"--{name} must be at least {low}, got {value}")
     if config.input_size > MAX_INPUT_SIZE:
         raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {config.input_size}")
-    if config.bits > 4096:
-        raise UserError(f"--bits must be at most 4096, got {config.bits}")
+    if config.bits > MAX_BITS:
+        raise UserError(f"--bits must be at most {MAX_BITS}, got {config.bits}")
     for name, value in (("epochs", config.epochs), ("lr", config.lr)):
         if not math.isfinite(value) or value <= 0:
             raise UserError(f"--{name} must be a positive number, got {value}")

@@ -22,6 +22,7 @@ from engine.errors import run_cli
 from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, item_metadata, label_of,
                            read_metadata_file, read_record, regular_file_status, write_record)
 from shards.codes import MAX_BITS
+from shards.index import INDEX_TYPES, describe_index_types
 from training.errors import UserError, program_name
 from training.hashers import SUPERVISED, fit_hasher, save_hasher
 from training.images import list_images
@@ -223,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model directory written by training.train")
     parser.add_argument("--catalog", required=True, help="catalog directory (created if missing)")
     parser.add_argument("--shards", type=int, default=4, help="shards of a new catalog (default %(default)s)")
-    parser.add_argument("--index", choices=("flat", "hash"), default="flat",
-                        help="Faiss index of a new catalog: exact flat scan (default) or IndexBinaryHash")
+    parser.add_argument("--index", choices=list(INDEX_TYPES), default="flat",
+                        help=f"Faiss index of a new catalog (default %(default)s). {describe_index_types()}")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes; on a CPU each decodes and encodes whole batches on one thread, "

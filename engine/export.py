@@ -24,6 +24,7 @@ from engine.errors import run_cli
 from engine.record import (CODE_MAKER_FILE, ENGINE_FILE, EngineRecord, code_maker_file, parse_record,
                            product_metadata, read_record, write_record)
 from shards.codes import MAX_BITS, MAX_FEATURE_DIM, code_bytes
+from shards.index import INDEX_TYPES, describe_index_types
 from training.errors import UserError, program_name
 from training.files import atomic_write
 
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--out", help="HDF5 file to write")
     action.add_argument("--import", dest="import_file", metavar="FILE", help="HDF5 file to load into --catalog")
     parser.add_argument("--shards", type=int, default=4, help="shards, when --import creates the catalog")
-    parser.add_argument("--index", choices=("flat", "hash"), default="flat")
+    parser.add_argument("--index", choices=list(INDEX_TYPES), default="flat",
+                        help=f"Faiss index of a new catalog (default %(default)s). {describe_index_types()}")
     parser.add_argument("--max-items", type=int, help="refuse an import of more items than this")
     parser.add_argument("--model", help="with --import: the model that made the codes; checked against them and "
                         "recorded, so queries need no --model")

@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   python -m engine.query --catalog catalogs/shop shoe.jpg
   python -m engine.query --catalog catalogs/shop -k 20 --pool 5000 a.jpg b.jpg --html results.html
   python -m engine.query --catalog catalogs/shop --radius 3 --no-rerank --json query.png
+  python -m engine.query --catalog catalogs/big-ivf --nprobe 64 query.jpg     # ivf: more lists, higher recall
   python -m engine.query --catalog catalogs/shop --id 1234567890123
   python -m engine.query --catalog catalogs/shop shoe.jpg --label shoes --label boots --where brand:acme
 """
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=10, help="results per query (default %(default)s)")
     parser.add_argument("--pool", type=int, help="coarse candidates by Hamming distance (default 100*k)")
     parser.add_argument("--radius", type=int, help="coarse pool = every code within this Hamming distance")
+    parser.add_argument("--nprobe", type=int, help="ivf catalogs: inverted lists each shard visits (more: higher "
+                        "recall, slower; default 1/16 of them, at least 8; all of them: exact)")
     parser.add_argument("--no-rerank", dest="rerank", action="store_false", help="rank by Hamming distance only")
     parser.add_argument("--label", action="append", default=[],
                         help="only items with this label (repeatable: any of them); exact, not a post-filter")
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not args.images and not args.id:
             raise UserError("give at least one query image or --id")
+        if args.nprobe is not None and args.nprobe < 1:
+            raise UserError(f"--nprobe must be at least 1, got {args.nprobe}")
         from engine.filters import Filter
         from engine.report import write_html
         from engine.search import Searcher
@@ -79,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             queries, results = [], []
             if args.images:
                 queries += list(args.images)
-                results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank, rule)
+                results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank, rule, args.nprobe)
             if args.id:
                 queries += [f"id:{i}" for i in args.id]
-                results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank, rule)
+                results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank, rule, args.nprobe)
             labels = searcher.query_labels(args.images, args.id)
         if args.json:
             print(json.dumps([{"query": q, "results": [asdict(r) for r in rs]} for q, rs in zip(queries, results)],

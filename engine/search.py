@@ -121,9 +121,10 @@ class Searcher:
 
     def search_codes(self, codes: np.ndarray, features: np.ndarray | None, k: int = 10, pool: int | None = None,
                      radius: int | None = None, rerank: bool = True, filter: Filter | None = None,
-                     timings: Timings | None = None) -> list[list[Result]]:
+                     timings: Timings | None = None, nprobe: int | None = None) -> list[list[Result]]:
         """The two stages for codes (and features) already computed; `filter`: only items that pass it, exactly;
-        `timings`: where to add the seconds per stage (default: this searcher's running totals)."""
+        `timings`: where to add the seconds per stage (default: this searcher's running totals); `nprobe`:
+        inverted lists to visit per shard on an ivf catalog (`Catalog.coarse`)."""
         if k < 1:
             raise UserError(f"k must be at least 1, got {k}")
         if pool is None and radius is None:
@@ -131,7 +132,7 @@ class Searcher:
         timings = timings if timings is not None else self.timings
         start = time.perf_counter()
         within = self._within(filter) if filter else None
-        candidates = self.catalog.coarse(codes, m=pool, radius=radius, within=within)
+        candidates = self.catalog.coarse(codes, m=pool, radius=radius, within=within, nprobe=nprobe)
         coarse_done = time.perf_counter()
         if rerank and features is not None:
             hits = self.catalog.rerank(features, candidates, k)
@@ -146,13 +147,14 @@ class Searcher:
         return torch.stack([load_image_bytes(data, self.encoder.input_size) for data in images])
 
     def search(self, images: Sequence[str | os.PathLike], k: int = 10, pool: int | None = None,
-               radius: int | None = None, rerank: bool = True, filter: Filter | None = None) -> list[list[Result]]:
+               radius: int | None = None, rerank: bool = True, filter: Filter | None = None,
+               nprobe: int | None = None) -> list[list[Result]]:
         """Search with image files; see `search_codes` for the stages."""
         codes, features = self.encode(images)
-        return self.search_codes(codes, features, k, pool, radius, rerank, filter)
+        return self.search_codes(codes, features, k, pool, radius, rerank, filter, nprobe=nprobe)
 
     def search_ids(self, ids: Sequence[int], k: int = 10, pool: int | None = None, radius: int | None = None,
-                   rerank: bool = True, filter: Filter | None = None) -> list[list[Result]]:
+                   rerank: bool = True, filter: Filter | None = None, nprobe: int | None = None) -> list[list[Result]]:
         """Search with items already in the catalog, using their stored codes and features."""
         items = self.catalog.get(np.asarray(ids, dtype=np.int64))
         missing = [i for i, item in zip(ids, items) if item is None]
@@ -160,7 +162,7 @@ class Searcher:
             raise UserError(f"ids not in the catalog: {missing[:10]}")
         codes = np.stack([item.code for item in items])
         features = np.stack([item.features for item in items])
-        return self.search_codes(codes, features, k, pool, radius, rerank, filter)
+        return self.search_codes(codes, features, k, pool, radius, rerank, filter, nprobe=nprobe)
 
     def query_labels(self, images: Sequence[str | os.PathLike] = (), ids: Sequence[int] = ()) -> list[str | None]:
         """Each query's label where it is known: an indexed image's or item's own label, else the name of the

@@ -21,8 +21,8 @@ import numpy as np
 
 from shards.codes import MAX_BITS, MAX_FEATURE_DIM, pad_codes
 from shards.errors import CatalogError, DuplicateIdError, WriterBusyError
-from shards.index import CodeIndex, find_sorted, make_faiss_index
-from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, INDEX_TYPES, Shard, ShardLayout, gather_rows, row_checksums
+from shards.index import CodeIndex, find_sorted, index_type
+from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, Shard, ShardLayout, gather_rows, row_checksums
 
 MANIFEST = "manifest.json"
 JOURNAL = "add.journal"
@@ -88,8 +88,7 @@ class Manifest:
         integer("block_items", 1, 1 << 24)
         if self.feature_dtype not in FEATURE_DTYPES:
             raise CatalogError(f"unknown feature dtype {self.feature_dtype!r}; choose one of {', '.join(FEATURE_DTYPES)}")
-        if self.index_type not in INDEX_TYPES:
-            raise CatalogError(f"unknown index type {self.index_type!r}; choose one of {', '.join(INDEX_TYPES)}")
+        index_type(self.index_type)
         if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, str):
             raise CatalogError(f"model_fingerprint must be a string, got {self.model_fingerprint!r}")
 
@@ -213,8 +212,7 @@ class Catalog:
             raise CatalogError(f"{path / MANIFEST}: a catalog already exists here")
         if bits < 1 or feature_dim < 1 or shards < 1 or block_items < 0:
             raise CatalogError(f"{path}: bits, feature dim, shard count and block size must be positive")
-        if index not in INDEX_TYPES:
-            raise CatalogError(f"unknown index type '{index}'; choose one of {', '.join(INDEX_TYPES)}")
+        index_type(index)
         if feature_dtype not in FEATURE_DTYPES:
             raise CatalogError(f"unknown feature dtype '{feature_dtype}'; choose one of {', '.join(FEATURE_DTYPES)}")
         manifest = Manifest(bits=bits, feature_dim=feature_dim, shard_count=shards, feature_dtype=feature_dtype,
@@ -548,12 +546,12 @@ class Catalog:
         for shard in self.shards:
             shard.sync_index()
         indexes = [shard.code_index for shard in self.shards]
-        if self.manifest.index_type != "flat" or len(indexes) == 1:
+        if not index_type(self.manifest.index_type).merges_across_shards or len(indexes) == 1:
             return indexes
         if self._merged is None or any(a is not b for a, b in zip(self._merged_from, indexes)):
             ids, order = self._ids_in_order()
             codes = np.concatenate([i.codes for i in indexes])[order]
-            self._merged = CodeIndex(ids, codes, make_faiss_index("flat", self.bits, 0, codes))
+            self._merged = CodeIndex(ids, codes, index_type("flat"))
             self._merged_from = indexes
         return [self._merged]
 
@@ -585,7 +583,7 @@ class Catalog:
         ids, codes = np.concatenate(found_ids), np.concatenate(found_codes)
         order = np.argsort(ids, kind="stable")  # id order: ties come out broken by id
         codes = np.ascontiguousarray(codes[order])
-        return CodeIndex(ids[order], codes, make_faiss_index("flat", self.bits, 0, codes))
+        return CodeIndex(ids[order], codes, index_type("flat"))
 
     def metadata_items(self) -> Iterator[tuple[int, dict | None]]:
         """(id, metadata) of every item, shard by shard."""
@@ -593,18 +591,22 @@ class Catalog:
             yield from shard.metadata_items()
 
     def coarse(self, query_codes: np.ndarray, m: int | None = None, radius: int | None = None,
-               within: CodeIndex | None = None) -> list[Hits]:
+               within: CodeIndex | None = None, nprobe: int | None = None) -> list[Hits]:
         """Hamming stage. `m`: the m nearest codes; `radius`: every code within that distance (capped at m if
-        both are given). Exact: equal to one flat index over all items, ties broken by id. `within`: only the
-        items of this index (from `restrict`)."""
+        both are given). Exact on a flat catalog: equal to one flat index over all items, ties broken by id; on
+        an approximate one (ivf, hash) each shard's approximate top m, merged exactly. Radius search is exact on
+        every type. `within`: only the items of this index (from `restrict`), exactly. `nprobe`: inverted lists
+        each shard visits (ivf; default: 1/16 of them, at least 8)."""
         if m is None and radius is None:
             raise CatalogError("coarse search needs m (pool size) or radius")
         if m is not None and m < 1 or radius is not None and radius < 0:
             raise CatalogError(f"pool size must be >= 1 and radius >= 0, got m={m}, radius={radius}")
+        if nprobe is not None and nprobe < 1:
+            raise CatalogError(f"nprobe must be >= 1, got {nprobe}")
         queries = pad_codes(self._check_codes(query_codes, "query codes"), self.bits)
         units = self._search_units() if within is None else [within]
         if radius is None:
-            tasks, parts = self._run(lambda t: t[0].search_knn(queries[t[1]], m), units, len(queries))
+            tasks, parts = self._run(lambda t: t[0].search_knn(queries[t[1]], m, nprobe), units, len(queries))
             hits = self._merge_knn(parts, tasks, units, len(queries), m)
             if within is not None:  # positions in a subset are not the catalog's id order
                 for h in hits:
@@ -669,14 +671,15 @@ class Catalog:
         return squared
 
     def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = 10,
-               pool: int | None = None, radius: int | None = None) -> list[Hits]:
+               pool: int | None = None, radius: int | None = None, nprobe: int | None = None) -> list[Hits]:
         """Two-stage search for a batch of queries: a Hamming pool (`pool` nearest codes, default 100*k, or
-        every code within `radius`), re-ranked by Euclidean distance; Hamming order alone without features."""
+        every code within `radius`), re-ranked by Euclidean distance; Hamming order alone without features.
+        `nprobe`: see `coarse`."""
         if k < 1:
             raise CatalogError(f"k must be >= 1, got {k}")
         if pool is None and radius is None:
             pool = 100 * k
-        candidates = self.coarse(query_codes, m=pool, radius=radius)
+        candidates = self.coarse(query_codes, m=pool, radius=radius, nprobe=nprobe)
         if query_features is None:
             return [Hits(h.ids[:k], h.hamming[:k]) for h in candidates]
         return self.rerank(query_features, candidates, k)

@@ -29,7 +29,7 @@ import numpy as np
 
 from shards.codes import code_bytes, pad_codes, padded_bytes
 from shards.errors import CatalogError, DuplicateIdError
-from shards.index import CodeIndex, find_sorted, make_faiss_index
+from shards.index import CodeIndex, find_sorted, index_type
 from shards.lmdb_file import DamagedFile, used_pages_beyond
 
 INITIAL_MAP_SIZE = 64 << 30  # address space only: the file grows as pages are used
@@ -37,7 +37,6 @@ BLOCK_BYTES = 256 << 10  # a feature block's default size: few blocks to locate,
 SLOT_BYTES = 8
 CHECKSUM_BYTES = 4  # CRC-32 of code + feature row, after the code in each item record
 FEATURE_DTYPES = ("float16", "float32")
-INDEX_TYPES = ("flat", "hash")
 
 
 @dataclass(frozen=True)
@@ -258,9 +257,11 @@ class Shard:
                                                                                             np.uint32)))
                 codes = np.frombuffer(blobs[3], dtype=np.uint8).reshape(-1, self.layout.padded_bytes).copy()
                 index = faiss.deserialize_index_binary(np.frombuffer(blobs[4], np.uint8))
+                kind = index_type(self.layout.index_type)
                 if (len(ids) == len(slots) == len(sums) == len(codes) == index.ntotal == entries
-                        and index.d == self.layout.padded_bytes * 8):
-                    self.code_index, self.slots, self.sums = CodeIndex(ids, codes, index), slots, sums
+                        and index.d == self.layout.padded_bytes * 8 and type(index).__name__ == kind.faiss_class):
+                    self.code_index = CodeIndex(ids, codes, kind, index)
+                    self.slots, self.sums = slots, sums
                     self.index_loaded_from_disk = True
                     return
             except (TypeError, ValueError, RuntimeError):
@@ -283,8 +284,8 @@ class Shard:
         layout = self.layout
         order = np.argsort(ids, kind="stable")  # id order: ties come out broken by id (see shards.index)
         padded = np.ascontiguousarray(padded[order])
-        self.code_index = CodeIndex(ids[order], padded,
-                                    make_faiss_index(layout.index_type, layout.bits, layout.hash_bits, padded))
+        self.code_index = CodeIndex(ids[order], padded, index_type(layout.index_type), hash_bits=layout.hash_bits,
+                                    previous=getattr(self, "code_index", None))
         self.slots, self.sums = slots[order], sums[order]
 
     def _locate_blocks(self, txn: lmdb.Transaction) -> tuple[np.ndarray, np.ndarray]:

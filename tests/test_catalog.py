@@ -78,6 +78,66 @@ def test_hash_index_is_exact_within_its_radius(tmp_path, rng, bits):
         assert all(h.hamming[0] == 0 for h in knn)
 
 
+@pytest.mark.parametrize("shards", [1, 3])
+def test_ivf_probing_every_list_equals_brute_force_and_radius_is_exact(tmp_path, rng, shards):
+    """IVF is approximate at its default nprobe; probing every list is a full scan, and the merge across shards
+    is exact: the same distances as brute force, the same ids wherever the cut-off is not inside a tie."""
+    from shards.index import ivf_lists
+
+    ids, codes, features = random_items(rng, 3000, 64)
+    with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=shards, index="ivf") as catalog:
+        catalog.add(ids, codes, features)
+        catalog.coarse(codes[:1], m=1)  # folds the adds into the shards' indices
+        lists = max(s.code_index.index.nlist for s in catalog.shards)
+        assert lists == ivf_lists(max(len(s) for s in catalog.shards)) > 1
+        queries = np.concatenate([codes[:4], np.packbits(rng.random((6, 64)) < 0.5, axis=1)])
+        for q, hits in zip(queries, catalog.coarse(queries, m=80, nprobe=lists)):
+            expected_ids, expected_d = brute_force_knn(q, ids, codes, 80)
+            assert np.array_equal(hits.hamming, expected_d)
+            below = expected_d < expected_d[-1]
+            assert np.array_equal(hits.ids[below], expected_ids[below])
+        for q, hits in zip(queries, catalog.coarse(queries, radius=12)):
+            distances = hamming_distances(q[None], codes)[0]
+            inside = np.flatnonzero(distances <= 12)
+            assert np.array_equal(hits.ids, ids[inside[np.lexsort((ids[inside], distances[inside]))]])
+        default = catalog.coarse(codes[:20], m=50)  # default nprobe: approximate, sorted, exact matches found
+        assert all(h.hamming[0] == 0 and (np.diff(h.hamming) >= 0).all() for h in default)
+        with pytest.raises(CatalogError, match="nprobe"):
+            catalog.coarse(codes[:1], m=5, nprobe=0)
+
+
+def test_ivf_index_is_stored_and_keeps_its_training_through_adds(tmp_path, rng):
+    ids, codes, features = random_items(rng, 4000, 64)
+    with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=1, index="ivf") as catalog:
+        catalog.add(ids[:2000], codes[:2000], features[:2000])
+        catalog.coarse(codes[:1], m=5)
+        trained = faiss_centroids(catalog.shards[0].code_index.index)
+        catalog.add(ids[2000:2500], codes[2000:2500], features[2000:2500])  # small growth: same lists
+        catalog.coarse(codes[:1], m=5)
+        assert np.array_equal(faiss_centroids(catalog.shards[0].code_index.index), trained)
+    with Catalog.open(tmp_path / "c") as reopened:
+        shard = reopened.shards[0]
+        assert shard.index_loaded_from_disk and type(shard.code_index.index).__name__ == "IndexBinaryIVF"
+        assert np.array_equal(faiss_centroids(shard.code_index.index), trained)
+        assert reopened.coarse(codes[2100:2101], m=1)[0].hamming[0] == 0
+    with Catalog.open(tmp_path / "c", readonly=False) as writer:  # past twice the lists: trained again
+        writer.add(ids[2500:], codes[2500:], features[2500:])
+        writer.coarse(codes[:1], m=5)
+        assert len(writer) == 4000 and writer.shards[0].code_index.index.ntotal == 4000
+
+
+def faiss_centroids(index) -> np.ndarray:
+    import faiss
+
+    quantizer = faiss.downcast_IndexBinary(index.quantizer)
+    return faiss.vector_to_array(quantizer.xb).copy()
+
+
+def test_unknown_index_type_names_the_choices(tmp_path):
+    with pytest.raises(CatalogError, match="choose one of flat, hash, ivf"):
+        Catalog.create(tmp_path / "c", 64, FEATURE_DIM, index="lsh-forest")
+
+
 def test_float16_features_and_get_iterate(tmp_path, rng):
     ids, codes, features = random_items(rng, 300, 48)
     metas = [{"path": f"/img/{i}.jpg", "label": str(i % 3)} for i in ids]

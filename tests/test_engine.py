@@ -187,10 +187,29 @@ def test_export_import_api(built, tmp_path):
     assert import_hdf5(tmp_path / "x.h5", tmp_path / "y", progress=False).added == n
 
 
+def test_ivf_catalog_answers_like_the_flat_one_when_every_list_is_probed(built, tmp_path, cli_env):
+    """An export imported as an ivf catalog, queried through the CLI: with --nprobe at or above the list count
+    the pool (here every item) is the exact one, so the results are the flat catalog's."""
+    export_catalog(built, tmp_path / "x.h5", progress=False)
+    import_hdf5(tmp_path / "x.h5", tmp_path / "ivf", shards=2, index="ivf", progress=False)
+    with Searcher(built) as flat, Searcher(tmp_path / "ivf") as ivf:
+        assert ivf.catalog.manifest.index_type == "ivf"
+        some = [int(i) for i in flat.catalog.coarse(flat.catalog.get([next(iter(flat.catalog)).id])[0].code[None],
+                                                    m=5)[0].ids]
+        expected = flat.search_ids(some, k=5, pool=1000)
+        assert ivf.search_ids(some, k=5, pool=1000, nprobe=10_000) == expected
+    answer = cli("engine.query", ["--catalog", tmp_path / "ivf", "--id", str(some[0]), "-k", "5", "--pool", "1000",
+                                  "--nprobe", "10000", "--json"], cli_env)
+    assert answer.returncode == 0, answer.stderr
+    assert [r["id"] for r in json.loads(answer.stdout)[0]["results"]] == [r.id for r in expected[0]]
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("engine.build_index", ["/no/such/dir", "--model", "M", "--catalog", "C"], "does not exist"),
     ("engine.query", ["--catalog", "/no/such/catalog", "x.png"], "manifest.json: missing"),
     ("engine.export", ["--import", "/no/such.h5", "--catalog", "C"], "no such HDF5 file"),
+    ("engine.query", ["--catalog", "C", "--nprobe", "0", "x.png"], "--nprobe must be at least 1"),
+    ("engine.build_index", ["/tmp", "--model", "M", "--catalog", "C", "--index", "lsh"], "invalid choice: 'lsh'"),
 ])
 def test_cli_errors_are_one_line(module, args, message, cli_env, tmp_path):
     result = cli(module, args, cli_env)

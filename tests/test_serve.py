@@ -156,7 +156,7 @@ def test_client_mistakes_get_4xx_never_5xx(shop, image_folder):
         for data in (b"plain text", good[: len(good) // 2], bomb()):
             answer = upload(data)
             assert answer.status_code == 400 and "error" in answer.json(), answer.text
-        for query in ("k=0", "k=abc", "pool=0", "radius=-1", "k=100000", "where=nocolon"):
+        for query in ("k=0", "k=abc", "pool=0", "radius=-1", "k=100000", "where=nocolon", "nprobe=0"):
             assert upload(good, query).status_code == 422, query
         assert client.get("/search?id=999").status_code == 404
         assert client.get("/search?id=-5").status_code == 422

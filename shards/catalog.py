@@ -596,7 +596,7 @@ class Catalog:
         both are given). Exact on a flat catalog: equal to one flat index over all items, ties broken by id; on
         an approximate one (ivf, hash) each shard's approximate top m, merged exactly. Radius search is exact on
         every type. `within`: only the items of this index (from `restrict`), exactly. `nprobe`: inverted lists
-        each shard visits (ivf; default: 1/16 of them, at least 8)."""
+        each shard visits (ivf; default: 1/64 of them, at least 16)."""
         if m is None and radius is None:
             raise CatalogError("coarse search needs m (pool size) or radius")
         if m is not None and m < 1 or radius is not None and radius < 0:

@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   python -m engine.query --catalog catalogs/shop -k 20 --pool 5000 a.jpg b.jpg --html results.html
   python -m engine.query --catalog catalogs/shop --radius 3 --no-rerank --json query.png
   python -m engine.query --catalog catalogs/big-ivf --nprobe 64 query.jpg     # ivf: more lists, higher recall
+  python -m engine.query --catalog /shared/catalogs/shop --ray auto --shards-per-actor 2 query.jpg
   python -m engine.query --catalog catalogs/shop --id 1234567890123
   python -m engine.query --catalog catalogs/shop shoe.jpg --label shoes --label boots --where brand:acme
 """
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only items with this label (repeatable: any of them); exact, not a post-filter")
     parser.add_argument("--where", action="append", default=[], metavar="FIELD:VALUE",
                         help="only items whose product metadata has FIELD equal to VALUE (repeatable: all of them)")
+    parser.add_argument("--ray", metavar="ADDRESS", help="search the shards on Ray actors: 'local' starts a private "
+                        "instance, 'auto' or HOST:PORT joins a cluster (results equal the in-process search)")
+    parser.add_argument("--shards-per-actor", type=int, default=1, help="with --ray (default %(default)s)")
     parser.add_argument("--model", help="model directory (default: the one that built the catalog)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -80,14 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         from engine.search import Searcher
 
         rule = Filter.parse(args.label, args.where)
-        with Searcher(args.catalog, args.model, args.device) as searcher:
+        if args.shards_per_actor < 1:
+            raise UserError(f"--shards-per-actor must be at least 1, got {args.shards_per_actor}")
+        with Searcher(args.catalog, args.model, args.device, ray=args.ray,
+                      shards_per_actor=args.shards_per_actor) as searcher:
             queries, results = [], []
             if args.images:
                 queries += list(args.images)
-                results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank, rule, args.nprobe)
+                results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank, rule,
+                                           args.nprobe)
             if args.id:
                 queries += [f"id:{i}" for i in args.id]
-                results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank, rule, args.nprobe)
+                results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank, rule,
+                                               args.nprobe)
             labels = searcher.query_labels(args.images, args.id)
         if args.json:
             print(json.dumps([{"query": q, "results": [asdict(r) for r in rs]} for q, rs in zip(queries, results)],

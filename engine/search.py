@@ -48,11 +48,19 @@ class Searcher:
     """
 
     def __init__(self, catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                 device: str = "auto", threads: int | None = None):
+                 device: str = "auto", threads: int | None = None, ray: str | None = None,
+                 shards_per_actor: int = 1):
         """`threads`: Faiss threads per search (default: the catalog's choice); a server that runs searches
-        concurrently uses 1 and lets the requests fill the cores."""
+        concurrently uses 1 and lets the requests fill the cores. `ray`: serve the shards from Ray actors
+        (`shards.cluster`) at this address (`local`, `auto` or HOST:PORT), `shards_per_actor` each; results
+        equal the in-process catalog's."""
         self.catalog_dir = Path(catalog_dir)
-        self.catalog = Catalog.open(self.catalog_dir, readonly=True, threads=threads)
+        if ray is None:
+            self.catalog = Catalog.open(self.catalog_dir, readonly=True, threads=threads)
+        else:
+            from shards.cluster import RayCatalog
+
+            self.catalog = RayCatalog(self.catalog_dir, ray, shards_per_actor)
         self._model_dir = model_dir
         self._device = device
         self._encoder = None

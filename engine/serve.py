@@ -66,7 +66,7 @@ class Service:
 
     def __init__(self, catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  read_only: bool = False, token: str | None = None, max_upload_mb: float = 20,
-                 device: str = "auto"):
+                 device: str = "auto", ray: str | None = None, shards_per_actor: int = 1):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         from engine.search import Searcher
@@ -82,7 +82,8 @@ class Service:
         self.writer = None if read_only else Catalog.open(self.catalog_dir, readonly=False)
         # One Faiss thread per search: concurrent requests fill the cores (a second thread never speeds up one
         # query on these machines, DESIGN.md), and no OpenMP teams are started from many threads at once.
-        self.searcher = Searcher(self.catalog_dir, model_dir, device, threads=1)
+        self.searcher = Searcher(self.catalog_dir, model_dir, device, threads=1, ray=ray,
+                                 shards_per_actor=shards_per_actor)
         self.lock = ReadWriteLock()
         self.write_lock = threading.Lock()
         self.registry = CollectorRegistry()
@@ -448,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--read-only", action="store_true", help="refuse adds and deletes (403)")
     parser.add_argument("--token", default=os.environ.get("LATENTHASH_TOKEN"),
                         help="Bearer token every write must carry (default: $LATENTHASH_TOKEN; none: open)")
+    parser.add_argument("--ray", metavar="ADDRESS", help="search the shards on Ray actors: 'local', 'auto' or "
+                        "HOST:PORT (adds and deletes still commit here; searches see them after the refresh)")
+    parser.add_argument("--shards-per-actor", type=int, default=1, help="with --ray (default %(default)s)")
     parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload (default %(default)s)")
     args = parser.parse_args(argv)
 
@@ -456,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--port must be in 1..65535, got {args.port}")
         import uvicorn
 
-        service = Service(args.catalog, args.model, args.read_only, args.token, args.max_upload_mb, args.device)
+        if args.shards_per_actor < 1:
+            raise UserError(f"--shards-per-actor must be at least 1, got {args.shards_per_actor}")
+        service = Service(args.catalog, args.model, args.read_only, args.token, args.max_upload_mb, args.device,
+                          args.ray, args.shards_per_actor)
         uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
         return 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"Catalog": "shards.catalog", "Hits": "shards.catalog", "Item": "shards.catalog",
+_EXPORTS = {"Catalog": "shards.catalog", "Hits": "shards.ranking", "Item": "shards.catalog",
             "Manifest": "shards.catalog", "hamming_distances": "shards.codes", "pad_codes": "shards.codes",
             "CatalogError": "shards.errors", "DuplicateIdError": "shards.errors"}
 __all__ = sorted(_EXPORTS)

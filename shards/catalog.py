@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,6 +22,7 @@ import numpy as np
 from shards.codes import MAX_BITS, MAX_FEATURE_DIM, pad_codes
 from shards.errors import CatalogError, DuplicateIdError, WriterBusyError
 from shards.index import CodeIndex, find_sorted, index_type
+from shards.ranking import Hits, merge_hits, nearest
 from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, Shard, ShardLayout, gather_rows, row_checksums
 
 MANIFEST = "manifest.json"
@@ -130,21 +131,6 @@ class Item:
     meta: dict | None
 
 
-@dataclass
-class Hits:
-    """One query's results, best first: ids, their Hamming distances and (after re-ranking) Euclidean ones."""
-
-    ids: np.ndarray
-    hamming: np.ndarray
-    distances: np.ndarray | None = None
-    # Where each hit lies in the catalog's id order, when the coarse stage scanned one index over every item:
-    # lets the re-ranking stage find the features without looking the ids up again.
-    positions: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
 def _write_atomic(file: Path, data: bytes) -> None:
     tmp = file.with_name(file.name + ".tmp")
     try:
@@ -163,13 +149,18 @@ def _write_atomic(file: Path, data: bytes) -> None:
         raise CatalogError(f"{file}: could not be written ({error.strerror or error})") from error
 
 
-def _sort_hits(hamming: np.ndarray, ids: np.ndarray, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((ids, hamming))[:limit]
-    return ids[order], hamming[order]
+def _per_query(tasks: list, parts: list, n_queries: int) -> list[list]:
+    """Regroup what each (unit, query slice) task found into one list of parts per query."""
+    per_query: list[list] = [[] for _ in range(n_queries)]
+    for (_, rows), found in zip(tasks, parts):
+        for q, hits in zip(range(rows.start, rows.stop), found):
+            per_query[q].append(hits)
+    return per_query
 
 
 class Catalog:
-    def __init__(self, path: Path, manifest: Manifest, readonly: bool, threads: int | None = None):
+    def __init__(self, path: Path, manifest: Manifest, readonly: bool, threads: int | None = None,
+                 shards: Sequence[int] | None = None):
         self.path = path
         self.manifest = manifest
         self.readonly = readonly
@@ -188,8 +179,12 @@ class Catalog:
             if extra:
                 raise CatalogError(f"{path / MANIFEST}: says {manifest.shard_count} shards, but {', '.join(extra)} "
                                    "also exist: the manifest does not match the catalog")
+            held = range(manifest.shard_count) if shards is None else sorted(set(shards))
+            if shards is not None and (not readonly or not all(0 <= i < manifest.shard_count for i in held)):
+                raise CatalogError(f"{path}: a subset of shards opens read-only, numbered 0.."
+                                   f"{manifest.shard_count - 1}; got {list(shards)}")
             with self._commit_lock(exclusive=not readonly):
-                for i in range(manifest.shard_count):
+                for i in held:
                     self.shards.append(Shard(path / f"shard-{i:04d}", manifest.layout, readonly, i,
                                              manifest.shard_count))
                 if not readonly:
@@ -234,8 +229,10 @@ class Catalog:
 
     @classmethod
     def open(cls, path: str | os.PathLike, readonly: bool = True, model_fingerprint: str | None = None,
-             threads: int | None = None) -> "Catalog":
-        """Open an existing catalog; with `model_fingerprint`, refuse one whose codes another model made."""
+             threads: int | None = None, shards: Sequence[int] | None = None) -> "Catalog":
+        """Open an existing catalog; with `model_fingerprint`, refuse one whose codes another model made.
+        `shards`: only these shard numbers (read-only), as one node of a cluster serves them; searches and
+        reads then see only the items those shards hold."""
         path = Path(path)
         manifest = Manifest.read(path)
         if model_fingerprint is not None and manifest.model_fingerprint not in (None, model_fingerprint):
@@ -246,7 +243,7 @@ class Catalog:
                 cls(path, manifest, readonly=False).close()
             except WriterBusyError:  # the live writer rolls its own batch back
                 pass
-        return cls(path, manifest, readonly, threads)
+        return cls(path, manifest, readonly, threads, shards)
 
     def _take_writer_lock(self) -> None:
         try:
@@ -354,7 +351,7 @@ class Catalog:
     def _by_shard(self, ids: np.ndarray) -> list[np.ndarray]:
         """For each shard, the positions in `ids` of the items it holds."""
         owner = ids % self.manifest.shard_count
-        return [np.flatnonzero(owner == s) for s in range(self.manifest.shard_count)]
+        return [np.flatnonzero(owner == shard.number) for shard in self.shards]
 
     # ------------------------------------------------------------------ writes
     def add(self, ids: Sequence[int] | np.ndarray, codes: np.ndarray, features: np.ndarray,
@@ -509,7 +506,7 @@ class Catalog:
                 codes[positions], expected[positions] = shard.checksums(ids[positions])
         bad = ids[row_checksums(codes, rows) != expected]
         if len(bad):
-            shard = self.shards[int(bad[0]) % self.manifest.shard_count]
+            shard = next(s for s in self.shards if s.number == int(bad[0]) % self.manifest.shard_count)
             raise CatalogError(f"{shard.data_file}: items {bad[:10].tolist()} are damaged (checksum mismatch); "
                                f"run python -m engine.verify --catalog {self.path}")
 
@@ -613,33 +610,26 @@ class Catalog:
                     h.positions = None
             return hits
         tasks, parts = self._run(lambda t: t[0].search_radius(queries[t[1]], radius), units, len(queries))
-        per_query: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
-        for (_, rows), found in zip(tasks, parts):
-            for q, hits in zip(range(rows.start, rows.stop), found):
-                per_query[q].append(hits)
-        return [Hits(*_sort_hits(np.concatenate([h[0] for h in hits]), np.concatenate([h[1] for h in hits]), m))
-                for hits in per_query]
+        return merge_hits(_per_query(tasks, parts, len(queries)), m)
 
     def _merge_knn(self, parts: list, tasks: list, units: list[CodeIndex], n_queries: int, m: int) -> list[Hits]:
         if len(units) == 1:  # one id-ordered index over every item: its positions are the catalog's id order
             (distances, found, positions), = parts
             return [Hits(i[i >= 0], d[i >= 0], positions=p[i >= 0]) for d, i, p in zip(distances, found, positions)]
-        width = max((p[0].shape[1] for p in parts), default=0)
-        hamming = np.full((n_queries, len(units) * width), np.iinfo(np.int32).max, dtype=np.int32)
-        found = np.full_like(hamming, -1, dtype=np.int64)
-        for (unit, rows), (d, i, _) in zip(tasks, parts):
-            column = next(n for n, u in enumerate(units) if u is unit) * width
-            hamming[rows, column:column + d.shape[1]] = d
-            found[rows, column:column + i.shape[1]] = i
-        missing = found < 0
-        order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, found),
-                            np.where(missing, np.iinfo(np.int32).max, hamming)), axis=-1)[:, :m]
-        hamming, found = np.take_along_axis(hamming, order, 1), np.take_along_axis(found, order, 1)
-        return [Hits(i[i >= 0], d[i >= 0]) for d, i in zip(hamming, found)]
+        found = [[(d[i >= 0], i[i >= 0]) for d, i in zip(*part[:2])] for part in parts]
+        return merge_hits(_per_query(tasks, found, n_queries), m)
 
     def rerank(self, query_features: np.ndarray, candidates: list[Hits], k: int) -> list[Hits]:
         """Euclidean stage: the top k of each query's candidates by exact distance on stored features
         (ties by id)."""
+        hits = self.rerank_squared(query_features, candidates, k)
+        for h in hits:
+            h.distances = np.sqrt(h.distances)
+        return hits
+
+    def rerank_squared(self, query_features: np.ndarray, candidates: list[Hits], k: int) -> list[Hits]:
+        """`rerank` with squared distances: what shard groups return, so that merging their answers orders by
+        the same numbers a single catalog does."""
         query_features = self._check_features(query_features, len(candidates)).astype(np.float32)
         results = []
         for query, hits in zip(query_features, candidates):
@@ -648,11 +638,11 @@ class Catalog:
                 continue
             rows = self._feature_rows(hits.ids, hits.positions)
             squared = self._squared_distances(query, rows)
-            order = np.lexsort((hits.ids, squared))[:k]
+            order = nearest(hits.ids, squared, k)
             if not np.isfinite(squared).all():
                 self._check_rows(hits.ids, rows)  # names the damaged item
             self._check_rows(hits.ids[order], rows[order])  # what is returned is checked: ~1 us per result
-            results.append(Hits(hits.ids[order], hits.hamming[order], np.sqrt(squared[order])))
+            results.append(Hits(hits.ids[order], hits.hamming[order], squared[order]))
         return results
 
     def _squared_distances(self, query: np.ndarray, rows: np.ndarray) -> np.ndarray:

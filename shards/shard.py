@@ -171,6 +171,7 @@ class Shard:
         self.path = Path(path)
         self.layout = layout
         self.readonly = readonly
+        self.number = number  # its place in the catalog: it holds the ids with id % count == number
         self.data_file = self.path / "data.mdb"
         if readonly and not self.data_file.is_file():
             raise CatalogError(f"{self.data_file}: shard data file is missing")

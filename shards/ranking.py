@@ -1,0 +1,42 @@
+"""The ranking rules every search path shares: the in-process catalog, a catalog's shards searched in threads,
+and shard groups searched on a Ray cluster. Coarse results merge by (Hamming distance, id); the fine stage
+orders a pool by (Euclidean distance, id). Ties are therefore broken the same way wherever the shards live.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass
+class Hits:
+    """One query's results, best first: ids, their Hamming distances and (after re-ranking) Euclidean ones."""
+
+    ids: np.ndarray
+    hamming: np.ndarray
+    distances: np.ndarray | None = None
+    # Where each hit lies in the catalog's id order, when the coarse stage scanned one index over every item:
+    # lets the re-ranking stage find the features without looking the ids up again.
+    positions: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def merge_hits(per_query: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], limit: int | None) -> list[Hits]:
+    """Exact merge: per query, the (hamming, ids) parts that shards returned, ordered by (distance, id) and cut
+    at `limit` (None: keep all)."""
+    merged = []
+    for parts in per_query:
+        hamming = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, np.int32)
+        ids = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+        order = np.lexsort((ids, hamming))[:limit]
+        merged.append(Hits(ids[order], hamming[order].astype(np.int32)))
+    return merged
+
+
+def nearest(ids: np.ndarray, squared: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k nearest of a pool by squared Euclidean distance, ties by id."""
+    return np.lexsort((ids, squared))[:k]

@@ -4,6 +4,10 @@
       --cifar-test ../shared/data/cifar-10-batches-py
 
 `--cifar-test` writes the 10,000 CIFAR-10 test images as PNG files into a temp dir and indexes them too.
+`--photos N --photo-size 800x800 1600x1200` writes N product-photo-like JPEGs (quality 90) per size, and
+`--backbone resnet50` (instead of `--model`) measures a randomly initialised 224-px timm backbone (speed only):
+
+  python benchmarks/indexing.py --backbone resnet50 --photos 160 --photo-size 800x800 1600x1200
 
 Per directory: one first build (a cold process: model load, first-call set-up), then `--rounds` rounds that
 alternate a fresh build-index with the same model encoding the pre-decoded tensors, so that this shared host's
@@ -43,6 +47,24 @@ def write_cifar_test_pngs(batches: Path, out: Path) -> Path:
     return out
 
 
+def write_photos(out: Path, count: int, width: int, height: int) -> Path:
+    """JPEGs (quality 90) of the synthetic scenes, upscaled to a photo's size with sensor-like noise, so that
+    decoding costs what a real photo's does (a flat upscale would compress to almost nothing)."""
+    import numpy as np
+
+    from engine.synthetic import CLASSES, draw
+
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        kind = CLASSES[index % len(CLASSES)]
+        scene = np.asarray(draw(kind, 128, rng).resize((width, height), Image.BICUBIC), np.int16)
+        noisy = np.clip(scene + rng.normal(0, 6, scene.shape), 0, 255).astype(np.uint8)
+        folder = out / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(noisy).save(folder / f"{index:05d}.jpg", quality=90)
+    return out
+
+
 def predecoded_rate(model, tensors: torch.Tensor, batch_size: int) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
@@ -67,7 +89,10 @@ def query_latency(catalog: Path, queries: list[Path]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="model directory (or --backbone)")
+    parser.add_argument("--backbone", help="a timm backbone, randomly initialised at 224 px, 48 bits (speed only)")
+    parser.add_argument("--photos", type=int, default=0, help="JPEG photos to write per --photo-size")
+    parser.add_argument("--photo-size", nargs="+", default=["800x800"], metavar="WxH")
     parser.add_argument("--images", nargs="*", default=[], help="image directories to index")
     parser.add_argument("--cifar-test", help="CIFAR-10 python batches dir: also index its test set as PNGs")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -79,6 +104,17 @@ def main() -> None:
     directories = [Path(d) for d in args.images]
     if args.cifar_test:
         directories.append(write_cifar_test_pngs(Path(args.cifar_test), work / "cifar10-test-png"))
+    for size in args.photo_size if args.photos else []:
+        width, height = (int(v) for v in size.split("x"))
+        directories.append(write_photos(work / f"photos-{size}", args.photos, width, height))
+    if args.model is None:
+        if args.backbone is None:
+            parser.error("give --model or --backbone")
+        from engine.synthetic import CLASSES
+        from training.model import create_model, save_model
+
+        args.model = str(work / f"model-{args.backbone}")
+        save_model(create_model(args.backbone, 48, list(CLASSES), 224), args.model)
     model = load_model(args.model)
     print(f"machine: {machine()}; model {args.model} ({model.config.backbone}, {model.config.bits} bits, "
           f"{model.config.input_size}px); batch {args.batch_size}\n")

@@ -107,6 +107,8 @@ class HashingNet(nn.Module):
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Packed codes (uint8, np.packbits order: bit i = latent unit i, MSB first) and float32 features."""
         images = images.to(self.mean.device)
+        if images.device.type == "cpu":  # measured on CPU: 1.25-1.53x faster for resnet50, efficientnet_b0 and
+            images = images.contiguous(memory_format=torch.channels_last)  # the CIFAR nets; 0.95x for convnext
         features = self.features(images).float()
         if self.config.mirror_average:  # the latent layer is affine: this averages its pre-activations too
             features = 0.5 * (features + self.features(images.flip(-1)).float())
@@ -275,4 +277,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     except Exception as error:
         raise UserError(f"cannot load weights {weights}: {error}") from error
     model.fingerprint = actual
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if model.mean.device.type == "cpu":  # see `encode`
+        model = model.to(memory_format=torch.channels_last)
+    return model

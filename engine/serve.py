@@ -128,6 +128,7 @@ def create_app(service: Service):
     from engine.record import item_image, product_metadata, stored_label
     from engine.search import Timings
     from shards import CatalogError
+    from shards.errors import DamagedError
     from shards.codes import MAX_BITS
     from training.images import BadImage
 
@@ -360,7 +361,7 @@ def create_app(service: Service):
 
     @app.exception_handler(CatalogError)
     async def catalog_error(request: Request, exc: CatalogError):
-        return error(500 if "damaged" in str(exc) else 400, str(exc))
+        return error(500 if isinstance(exc, DamagedError) else 400, str(exc))
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):  # a bug of ours: answered (and logged)

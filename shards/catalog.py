@@ -20,7 +20,7 @@ import msgpack
 import numpy as np
 
 from shards.codes import MAX_BITS, MAX_FEATURE_DIM, pad_codes
-from shards.errors import CatalogError, DuplicateIdError, WriterBusyError
+from shards.errors import CatalogError, DamagedError, DuplicateIdError, WriterBusyError
 from shards.index import CodeIndex, find_sorted, index_type
 from shards.ranking import Hits, merge_hits, nearest
 from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, Shard, ShardLayout, gather_rows, row_checksums
@@ -397,7 +397,7 @@ class Catalog:
             return
         raw = journal.read_bytes()
         if len(raw) % 8:  # written atomically by add(): any other length is damage, not a crash
-            raise CatalogError(f"{journal}: damaged ({len(raw)} bytes, not whole 8-byte ids); it names the items "
+            raise DamagedError(f"{journal}: damaged ({len(raw)} bytes, not whole 8-byte ids); it names the items "
                                "of a batch that was cut short: compare with build-report.json, or delete it")
         ids = np.frombuffer(raw, dtype=np.int64)
         for shard, rows in zip(self.shards, self._by_shard(ids)):
@@ -507,7 +507,7 @@ class Catalog:
         bad = ids[row_checksums(codes, rows) != expected]
         if len(bad):
             shard = next(s for s in self.shards if s.number == int(bad[0]) % self.manifest.shard_count)
-            raise CatalogError(f"{shard.data_file}: items {bad[:10].tolist()} are damaged (checksum mismatch); "
+            raise DamagedError(f"{shard.data_file}: items {bad[:10].tolist()} are damaged (checksum mismatch); "
                                f"run python -m engine.verify --catalog {self.path}")
 
     def present(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:

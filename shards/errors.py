@@ -11,3 +11,8 @@ class DuplicateIdError(CatalogError):
 
 class WriterBusyError(CatalogError):
     """Another process holds the catalog's writer lock."""
+
+
+class DamagedError(CatalogError):
+    """Stored data failed its checks (a checksum, a record's shape, a file cut short): the catalog's fault, not
+    the caller's; `engine.verify` names and repairs it."""

@@ -28,7 +28,7 @@ import msgpack
 import numpy as np
 
 from shards.codes import code_bytes, pad_codes, padded_bytes
-from shards.errors import CatalogError, DuplicateIdError
+from shards.errors import CatalogError, DamagedError, DuplicateIdError
 from shards.index import CodeIndex, find_sorted, index_type
 from shards.lmdb_file import DamagedFile, used_pages_beyond
 
@@ -124,7 +124,7 @@ def _open_env(path: Path, readonly: bool) -> tuple[lmdb.Environment, list]:
             databases = [env.open_db(name, create=not readonly) for name in _DATABASES]
         except lmdb.Error as error:
             env.close()
-            raise CatalogError(f"{path / 'data.mdb'}: damaged or not a latenthash shard ({error})") from error
+            raise DamagedError(f"{path / 'data.mdb'}: damaged or not a latenthash shard ({error})") from error
         _ENVIRONMENTS[key] = [env, 1, readonly, databases]
         return env, databases
 
@@ -156,10 +156,10 @@ def _cover_last_page(env: lmdb.Environment, data_file: Path, readonly: bool) -> 
         beyond = used_pages_beyond(data_file, size)
     except DamagedFile as error:
         env.close()
-        raise CatalogError(f"{data_file}: damaged ({error})") from None
+        raise DamagedError(f"{data_file}: damaged ({error})") from None
     if beyond:
         env.close()
-        raise CatalogError(f"{data_file}: truncated ({size} bytes; {len(beyond)} pages in use lie past its end, "
+        raise DamagedError(f"{data_file}: truncated ({size} bytes; {len(beyond)} pages in use lie past its end, "
                            f"from page {min(beyond)})")
     if not readonly:
         os.truncate(data_file, needed)  # zeros where LMDB only has free pages: the next reader sees a whole file
@@ -210,7 +210,7 @@ class Shard:
         try:
             recorded = json.loads(bytes(raw))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CatalogError(f"{self.data_file}: its layout record is damaged") from None
+            raise DamagedError(f"{self.data_file}: its layout record is damaged") from None
         wrong = sorted(k for k in expected if not isinstance(recorded, dict) or recorded.get(k) != expected[k])
         if wrong:
             said = ", ".join(f"{k} {recorded.get(k) if isinstance(recorded, dict) else '?'} (manifest: {expected[k]})"
@@ -383,7 +383,7 @@ class Shard:
             key = id_keys([block])[0]
             head = txn.get(key, db=self._blocks) or b""
             if len(head) != offset * width:
-                raise CatalogError(f"{self.data_file}: feature block {block} is damaged "
+                raise DamagedError(f"{self.data_file}: feature block {block} is damaged "
                                    f"({len(head)} bytes, expected {offset * width})")
             start = min(per_block - offset, len(features)) * width
             txn.put(key, head + raw[:start].tobytes(), db=self._blocks)
@@ -460,7 +460,7 @@ class Shard:
         except (ValueError, msgpack.UnpackException):
             meta = None
         if not isinstance(meta, dict):
-            raise CatalogError(f"{self.data_file}: metadata of item {int(item_id)} is damaged; run engine.verify")
+            raise DamagedError(f"{self.data_file}: metadata of item {int(item_id)} is damaged; run engine.verify")
         return meta
 
     def metadata_items(self) -> Iterator[tuple[int, dict | None]]:
@@ -502,7 +502,7 @@ class Shard:
         width = self.layout.feature_bytes
         blocks, offsets = np.divmod(slots, self.layout.block_items)
         if np.any(blocks >= len(addresses)) or np.any(lengths[blocks] < (offsets + 1) * width):
-            raise CatalogError(f"{self.data_file}: feature blocks are damaged or missing")
+            raise DamagedError(f"{self.data_file}: feature blocks are damaged or missing")
         return addresses[blocks] + offsets * width
 
     def iterate(self) -> Iterator[tuple[int, bytes, bytes, dict | None]]:

@@ -22,6 +22,7 @@ from engine.search import Searcher
 from engine.synthetic import make_image_folder
 from engine.verify import verify_catalog
 from shards import Catalog, CatalogError
+from shards.errors import DamagedError
 from shards.shard import id_keys
 from training.data import load_dataset
 from training.errors import UserError
@@ -364,11 +365,18 @@ def test_garbage_in_feature_rows_is_found_by_verify_and_by_search(tmp_path, cli_
     assert result.returncode == 1
     assert f"item {victim}\tchecksum mismatch" in result.stdout and "1 problems found" in result.stdout
     with Catalog.open(catalog) as reader:
-        with pytest.raises(CatalogError, match=f"items \\[{victim}\\] are damaged"):  # it would be returned
+        with pytest.raises(DamagedError, match=f"items \\[{victim}\\] are damaged"):  # it would be returned
             reader.search(codes[10:11], garbage[None].astype(np.float32), k=5)
         with pytest.raises(CatalogError, match="damaged"):
             reader.features([victim])
         assert len(reader.search(codes[11:12], features[11:12], k=5)[0]) == 5  # the rest still answers
+    from fastapi.testclient import TestClient
+
+    from engine.serve import Service, create_app
+    with TestClient(create_app(Service(catalog, read_only=True))) as client:  # damage is the server's fault
+        answer = client.get(f"/search?id={victim}&k=5")
+        assert answer.status_code == 500 and "damaged" in answer.json()["error"]
+        assert client.get(f"/search?id={int(ids[11])}&k=5").status_code == 200
     result = cli("engine.verify", ["--catalog", catalog, "--repair"], cli_env)
     assert result.returncode == 0 and "deleted 1 damaged items" in result.stdout, result.stdout + result.stderr
     assert verify_catalog(catalog).findings == []

@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("give at least one query image or --id")
         if args.nprobe is not None and args.nprobe < 1:
             raise UserError(f"--nprobe must be at least 1, got {args.nprobe}")
+        if args.shards_per_actor < 1:
+            raise UserError(f"--shards-per-actor must be at least 1, got {args.shards_per_actor}")
         from engine.filters import Filter
         from engine.report import write_html
         from engine.search import Searcher
 
         rule = Filter.parse(args.label, args.where)
-        if args.shards_per_actor < 1:
-            raise UserError(f"--shards-per-actor must be at least 1, got {args.shards_per_actor}")
         with Searcher(args.catalog, args.model, args.device, ray=args.ray,
                       shards_per_actor=args.shards_per_actor) as searcher:
             queries, results = [], []

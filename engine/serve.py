@@ -127,9 +127,8 @@ def create_app(service: Service):
     from engine.filters import Filter
     from engine.record import item_image, product_metadata, stored_label
     from engine.search import Timings
-    from shards import CatalogError
-    from shards.errors import DamagedError
     from shards.codes import MAX_BITS
+    from shards.errors import CatalogError, DamagedError
     from training.images import BadImage
 
     class ResultModel(BaseModel):

@@ -21,6 +21,7 @@ from shards.errors import CatalogError
 from shards.ranking import Hits, merge_hits, nearest
 
 TIMEOUT_S = 30.0
+NO_FILTERS = "filtered searches (label, where) are not available on Ray yet"
 
 
 class ShardGroup:
@@ -91,7 +92,7 @@ class RayCatalog:
         self._owner = np.empty(count, np.int64)
         for n, group in enumerate(self.groups):
             self._owner[group] = n
-        self._count = sum(self._call("count", [(n, ()) for n in range(len(self.actors))]).values())
+        self._count = sum(self._everyone("count").values())
 
     @property
     def bits(self) -> int:
@@ -104,25 +105,27 @@ class RayCatalog:
         """Run `method(*args)` on each (actor number, args); answers by actor number. Raises, naming the shards,
         for actors that died or did not answer within the timeout (unless allow_partial)."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import RayActorError
 
         refs = {n: getattr(self.actors[n], method).remote(*args) for n, args in calls}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)
         ready = set(ready)
-        answers, failed = {}, []
+        answers, failed = {}, [n for n, ref in refs.items() if ref not in ready]
         for n, ref in refs.items():
-            try:
-                if ref not in ready:
-                    raise GetTimeoutError()
-                answers[n] = ray.get(ref, timeout=self.timeout)
-            except (RayActorError, GetTimeoutError):
-                failed.append(n)
+            if ref in ready:
+                try:
+                    answers[n] = ray.get(ref)
+                except RayActorError:
+                    failed.append(n)
         self.missing_shards = sorted(s for n in failed for s in self.groups[n])
         if failed and not self.allow_partial:
             raise CatalogError(f"{self.path}: shards {self.missing_shards} did not answer within {self.timeout:g} s "
                                "(their Ray actor died or is stuck); pass allow_partial=True for the other shards' "
                                "results")
         return answers
+
+    def _everyone(self, method: str, *args) -> dict[int, object]:
+        return self._call(method, [(n, args) for n in range(len(self.actors))])
 
     def _split(self, ids: np.ndarray) -> dict[int, np.ndarray]:
         """Positions in `ids` per owning actor."""
@@ -133,8 +136,8 @@ class RayCatalog:
                within=None, nprobe: int | None = None) -> list[Hits]:
         """`Catalog.coarse` across the actors: each group's answer, merged exactly."""
         if within is not None:
-            self.metadata_items()
-        answers = self._call("coarse", [(n, (query_codes, m, radius, nprobe)) for n in range(len(self.actors))])
+            raise CatalogError(NO_FILTERS)
+        answers = self._everyone("coarse", query_codes, m, radius, nprobe)
         per_query = [[(h.hamming, h.ids) for h in hits] for hits in zip(*answers.values())] if answers else [
             [] for _ in range(len(query_codes))]
         return merge_hits(per_query, m)
@@ -179,11 +182,11 @@ class RayCatalog:
         return self._by_owner("metadata", ids)
 
     def metadata_items(self):
-        raise CatalogError("filtered searches (label, where) are not available on Ray yet")
+        raise CatalogError(NO_FILTERS)  # what a filtered search reads first
 
     def refresh(self) -> None:
         """See what writers committed since the actors opened their shards."""
-        self._count = sum(self._call("refresh", [(n, ()) for n in range(len(self.actors))]).values())
+        self._count = sum(self._everyone("refresh").values())
 
     def close(self) -> None:
         import ray

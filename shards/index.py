@@ -25,7 +25,6 @@ class IndexType:
     name: ClassVar[str]
     summary: ClassVar[str]
     faiss_class: ClassVar[str]  # what a stored index of this type deserializes to
-    exact: ClassVar[bool] = True  # top-m equals a brute-force scan
     merges_across_shards: ClassVar[bool] = False  # searched as one index over every shard (one Faiss call)
     scan_order: ClassVar[bool] = False  # results already sorted by (distance, id)
 
@@ -34,15 +33,21 @@ class IndexType:
         (if any) may be reused."""
         raise NotImplementedError
 
-    def knn_parameters(self, index, m: int, nprobe: int | None):
+    def knn_parameters(self, index, nprobe: int | None):
         """Faiss search parameters for a top-m search (None: the index's own settings)."""
         return None
 
     def search_radius(self, code_index: "CodeIndex", padded_queries: np.ndarray, radius: int) -> list:
         """Per query, (distances, ids) of every item within `radius`, unsorted: a range search on the index."""
         limits, distances, positions = code_index.index.range_search(padded_queries, radius + 1)
-        return [(distances[limits[q]:limits[q + 1]].astype(np.int32), code_index.ids[positions[limits[q]:limits[q + 1]]])
-                for q in range(len(padded_queries))]
+        return per_query_ranges(limits, distances, positions, code_index.ids)
+
+
+def per_query_ranges(limits: np.ndarray, distances: np.ndarray, positions: np.ndarray,
+                     ids: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A Faiss range search's flat result (query q's hits at limits[q]:limits[q + 1]) as (distances, ids) per
+    query."""
+    return [(distances[a:b].astype(np.int32), ids[positions[a:b]]) for a, b in zip(limits[:-1], limits[1:])]
 
 
 INDEX_TYPES: dict[str, IndexType] = {}
@@ -90,8 +95,6 @@ class HashIndex(IndexType):
     name = "hash"
     faiss_class = "IndexBinaryHash"
     summary = "multi-bucket hash on the first 16 bits of each code: approximate top-m, exact radius search"
-    exact = False
-
     def build(self, padded: np.ndarray, hash_bits: int, previous=None):
         import faiss
 
@@ -100,7 +103,7 @@ class HashIndex(IndexType):
             index.add(padded)
         return index
 
-    def knn_parameters(self, index, m: int, nprobe: int | None):
+    def knn_parameters(self, index, nprobe: int | None):
         index.nflip = min(KNN_HASH_FLIPS, index.b)
         return None
 
@@ -122,8 +125,8 @@ def ivf_lists(items: int) -> int:
 
 def default_nprobe(nlist: int) -> int:
     """Lists probed when the caller does not say: 1/64 of them, at least 16 (55 of 3,535 lists per shard at
-    100M items). Synthetic codes reached recall@10 >= 0.98 from 4 lists up (RESULTS.md); the margin is for
-    real codes, whose clusters are less clean."""
+    100M items). At 10M and 100M synthetic codes recall@10 was >= 0.98 from 4 lists up; at 100k items (316
+    lists) 16 lists gave only recall@1000 0.62 (RESULTS.md): ivf is for 10M+ items."""
     return min(nlist, max(16, nlist // 64))
 
 
@@ -133,8 +136,6 @@ class IVFIndex(IndexType):
     faiss_class = "IndexBinaryIVF"
     summary = ("inverted lists over binary k-means (Faiss IndexBinaryIVF): approximate top-m for 10M+ items, "
                "--nprobe trades recall for speed; radius search scans every code (exact)")
-    exact = False
-
     def build(self, padded: np.ndarray, hash_bits: int = 0, previous=None):
         import faiss
 
@@ -156,7 +157,7 @@ class IVFIndex(IndexType):
             index.add(padded)
         return index
 
-    def knn_parameters(self, index, m: int, nprobe: int | None):
+    def knn_parameters(self, index, nprobe: int | None):
         import faiss
 
         probes = default_nprobe(index.nlist) if nprobe is None else nprobe
@@ -174,11 +175,10 @@ def scan_radius(code_index: "CodeIndex", padded_queries: np.ndarray, radius: int
     codes = code_index.codes
     faiss.hamming_range_search(faiss.swig_ptr(padded_queries), faiss.swig_ptr(codes), len(padded_queries),
                                len(codes), radius + 1, codes.shape[1], result)  # Faiss: distance < its radius
-    limits = faiss.rev_swig_ptr(result.lims, len(padded_queries) + 1).copy()
-    distances = faiss.rev_swig_ptr(result.distances, int(limits[-1])).astype(np.int32)
-    positions = faiss.rev_swig_ptr(result.labels, int(limits[-1])).copy()
-    return [(distances[limits[q]:limits[q + 1]], code_index.ids[positions[limits[q]:limits[q + 1]]])
-            for q in range(len(padded_queries))]
+    limits = faiss.rev_swig_ptr(result.lims, len(padded_queries) + 1)
+    distances = faiss.rev_swig_ptr(result.distances, int(limits[-1]))
+    positions = faiss.rev_swig_ptr(result.labels, int(limits[-1]))
+    return per_query_ranges(limits, distances, positions, code_index.ids)  # copies, while `result` holds the data
 
 
 def find_sorted(known: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,7 +214,7 @@ class CodeIndex:
             empty = np.empty((len(padded_queries), 0))
             return empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.int64)
         distances, positions = self.index.search(padded_queries, k,
-                                                 params=self.kind.knn_parameters(self.index, m, nprobe))
+                                                 params=self.kind.knn_parameters(self.index, nprobe))
         ids = np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
         if not self.kind.scan_order:
             missing = ids < 0

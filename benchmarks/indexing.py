@@ -9,6 +9,9 @@
 
   python benchmarks/indexing.py --backbone resnet50 --photos 160 --photo-size 800x800 1600x1200
 
+`--ray` adds, in the same rounds, a build on Ray Data's actor pool (`build-index --ray local`) and its rate as
+a ratio to the local build's.
+
 Per directory: one first build (a cold process: model load, first-call set-up), then `--rounds` rounds that
 alternate a fresh build-index with the same model encoding the pre-decoded tensors, so that this shared host's
 speed swings hit both alike; the ratio is of the two medians.
@@ -99,6 +102,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="build-index worker processes (default: build-index's, by job size and device)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating build / pre-decoded rounds")
+    parser.add_argument("--ray", action="store_true",
+                        help="also build with --ray local (an instance started once, before the rounds)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="latenthash-indexing-"))
     directories = [Path(d) for d in args.images]
@@ -118,29 +123,40 @@ def main() -> None:
     model = load_model(args.model)
     print(f"machine: {machine()}; model {args.model} ({model.config.backbone}, {model.config.bits} bits, "
           f"{model.config.input_size}px); batch {args.batch_size}\n")
+    if args.ray:
+        from shards.cluster import connect
+
+        begin = time.perf_counter()
+        connect("local")
+        print(f"ray.init (once per cluster, not in the builds' rates): {time.perf_counter() - begin:.1f} s\n")
+    ray_columns = " Ray build-index img/s (median) | Ray / local |" if args.ray else ""
     print("| images | files | worker processes | first build img/s | build-index img/s (median) | "
-          "pre-decoded img/s (median) | ratio |")
-    print("|---|---|---|---|---|---|---|")
+          f"pre-decoded img/s (median) | ratio |{ray_columns}")
+    print("|---|---|---|---|---|---|---|" + "---|---|" * args.ray)
     catalogs = []
     for directory in directories:
         files = list_images(directory)
         catalog = work / f"catalog-{directory.name}"
 
-        def build() -> float:
+        def build(ray: str | None = None) -> float:
+            """Images per second from the first batch's start (with Ray: the actors' start-up included)."""
             shutil.rmtree(catalog, ignore_errors=True)
             return build_index(directory, args.model, catalog, shards=2, batch_size=args.batch_size,
-                               workers=args.workers, progress=False).images_per_second
+                               workers=args.workers, progress=False, ray=ray).images_per_second
 
         first = build()
         tensors = torch.stack([load_image(f, model.config.input_size) for f in files])
-        builds, baselines = [], []
+        builds, baselines, ray_builds = [], [], []
         for _ in range(args.rounds):
             builds.append(build())
             baselines.append(predecoded_rate(model, tensors, args.batch_size))
+            if args.ray:
+                ray_builds.append(build("local"))
         built, baseline = statistics.median(builds), statistics.median(baselines)
         workers = default_workers(len(files)) if args.workers is None else args.workers
+        on_ray = f" {statistics.median(ray_builds):.0f} | {statistics.median(ray_builds) / built:.2f} |" if args.ray else ""
         print(f"| {directory.name} | {len(files)} | {workers} | {first:.0f} | {built:.0f} | {baseline:.0f} | "
-              f"{built / baseline:.2f} |", flush=True)
+              f"{built / baseline:.2f} |{on_ray}", flush=True)
         catalogs.append((catalog, files))
     catalog, _ = catalogs[-1]
     queries = list_images(directories[0])

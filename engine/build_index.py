@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from training.hashers import SUPERVISED, fit_hasher, save_hasher
 from training.images import list_images
 
 if TYPE_CHECKING:  # the modules that import torch and Faiss load when a build starts, not for --help
-    from engine.encode import Encoder
+    from engine.encode import EncodedBatch, Encoder
     from shards import Catalog
 
 REPORT_FILE = "build-report.json"
@@ -94,11 +94,12 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
                 shards: int = 4, index: str = "flat", batch_size: int = 256, workers: int | None = None,
                 device: str = "auto", prune: bool = False, progress: bool = True, codes: str | None = None,
                 code_bits: int | None = None, fit_samples: int = 20000,
-                metadata: str | os.PathLike | None = None) -> BuildSummary:
+                metadata: str | os.PathLike | None = None, ray: str | None = None) -> BuildSummary:
     """Index (or update) a catalog. `codes` = latent (the model's codes) or a code maker of training.hashers,
     fitted on the model's features of a new catalog and kept with it; an existing catalog keeps its own.
     `metadata`: a JSON-lines file of product metadata, one object per image with its `path` under `image_dir`;
-    an item whose metadata changed is indexed again."""
+    an item whose metadata changed is indexed again. `ray`: a Ray address (`local`, `auto`, HOST:PORT) whose
+    actors decode and encode (`workers` of them; default one per GPU, else per CPU) while this process commits."""
     started = time.perf_counter()
     root = Path(image_dir).resolve()
     if not root.is_dir():
@@ -113,8 +114,11 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     import torch
     from tqdm import tqdm
 
-    from engine.encode import Encoder, encode_files, load_encoder
+    from engine.encode import Encoder, load_encoder
     from training.model import load_model, pick_device, read_model_config
+
+    if ray is not None:  # the actors take the model to their own devices; this process only commits
+        device = "cpu"
 
     listed = list_images(root)
     if not listed:
@@ -169,7 +173,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         bar = tqdm(total=len(todo_files), desc="indexing", unit="img", disable=not progress)
         encode_start = time.perf_counter()
         with torch.inference_mode():
-            for batch in encode_files(encoder, todo_files, batch_size, workers):
+            for batch in _encoded(encoder, todo_files, batch_size, workers, ray):
                 positions = [todo[p] for p in batch.positions]
                 metas = [item_metadata(files[p], label_of(files[p], root), stats[p], products.get(files[p].resolve()))
                          for p in positions]
@@ -187,6 +191,17 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         summary.images_per_second = round(len(todo_files) / (time.perf_counter() - encode_start), 1)
     (catalog_dir / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+def _encoded(encoder: Encoder, files: list[Path], batch_size: int, workers: int | None,
+             ray: str | None) -> Iterator[EncodedBatch]:
+    if ray is None:
+        from engine.encode import encode_files
+
+        return encode_files(encoder, files, batch_size, workers)
+    from engine.encode_ray import encode_files_on_ray
+
+    return encode_files_on_ray(encoder, files, ray, batch_size, workers)
 
 
 def _regular_files(files: list[Path]) -> tuple[list[Path], list[os.stat_result], list[dict]]:
@@ -213,6 +228,7 @@ EXAMPLES = """examples:
   build-index photos/ --model models/shop48 --catalog catalogs/shop --shards 8 --workers 4 --prune
   build-index photos/ --model models/shop48 --catalog catalogs/shop-itq --codes itq --code-bits 64
   build-index photos/ --model models/shop48 --catalog catalogs/shop --metadata products.jsonl
+  build-index /mnt/shared/photos --model models/shop48 --catalog catalogs/shop --ray auto
   python -m engine.build_index ../shared/data/cifar10-sample-png --model models/cifar48 --catalog /tmp/cat
 """
 
@@ -230,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes; on a CPU each decodes and encodes whole batches on one thread, "
                         "beside a GPU they decode; 0 = one prefetch thread (default: 0 under 512 images, else "
-                        "one per core on a CPU, half the cores beside a GPU)")
+                        "one per core on a CPU, half the cores beside a GPU); with --ray, the actors that "
+                        "decode and encode (default: one per GPU of the cluster, else one per CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--prune", action="store_true", help="remove items whose image files are gone")
     parser.add_argument("--codes", choices=CODES, default=None,
@@ -241,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata", metavar="ITEMS.jsonl",
                         help="product metadata: one JSON object per line with a \"path\" relative to IMAGE_DIR "
                         "(SKU, title, price, ...); kept with each item, returned in results, filterable")
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="decode and encode on Ray: local (a private instance on this machine), auto or "
+                        "HOST:PORT (a running cluster; the images must be at the same path on every node). "
+                        "Needs pip install 'latenthash[ray]'")
     parser.add_argument("--fit-samples", type=int, default=20000,
                         help="images the code maker is fitted on (default %(default)s)")
     args = parser.parse_args(argv)
@@ -248,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         summary = build_index(args.image_dir, args.model, args.catalog, args.shards, args.index, args.batch_size,
                               args.workers, args.device, args.prune, codes=args.codes, code_bits=args.code_bits,
-                              fit_samples=args.fit_samples, metadata=args.metadata)
+                              fit_samples=args.fit_samples, metadata=args.metadata, ray=args.ray)
         print(f"indexed {summary.indexed}, unchanged {summary.unchanged}, re-indexed {summary.reindexed}, "
               f"pruned {summary.pruned}, failed {summary.failed} of {summary.found} images in "
               f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} img/s)")

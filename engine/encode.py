@@ -183,6 +183,12 @@ class _EncodedBatches(Dataset):
             return _encode_batch(self.encoder, self.batches[index])
 
 
+def encode_file_batch(encoder: Encoder, files: Sequence[Path]) -> EncodedBatch:
+    """Decode and encode one batch on this thread (positions are within `files`): what a Ray actor runs."""
+    with torch.inference_mode():
+        return _encode_batch(encoder, _DecodedBatches(files, encoder.input_size, max(1, len(files)))[0])
+
+
 def _prefetched(batches: _DecodedBatches) -> Iterator[DecodedBatch]:
     """Decoded batches from one thread that decodes the next batch while the caller encodes this one (Pillow
     and torch both release the GIL)."""

@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--nprobe must be at least 1, got {args.nprobe}")
         if args.shards_per_actor < 1:
             raise UserError(f"--shards-per-actor must be at least 1, got {args.shards_per_actor}")
-        from engine.filters import Filter
         from engine.report import write_html
         from engine.search import Searcher
+        from shards.filters import Filter
 
         rule = Filter.parse(args.label, args.where)
         with Searcher(args.catalog, args.model, args.device, ray=args.ray,

@@ -121,12 +121,6 @@ def label_of(path: Path, root: Path) -> str | None:
     return display_path(parts[0]) if len(parts) > 1 else None
 
 
-def stored_label(meta: dict | None) -> str | None:
-    """An item's label as text (an imported catalog may hold bare class numbers)."""
-    label = (meta or {}).get("label")
-    return None if label is None else str(label)
-
-
 def item_metadata(file: Path, label: str | None, status: os.stat_result, product: dict | None) -> dict:
     """What an item records about its image: path, label, size and mtime (to notice changes), product data."""
     meta = dict(path=display_path(file), label=label, size=status.st_size, mtime_ns=status.st_mtime_ns)

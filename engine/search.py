@@ -11,10 +11,9 @@ import numpy as np
 import torch
 
 from engine.encode import Encoder, load_encoder
-from engine.filters import Filter, FilterIndex
-from engine.record import item_id, read_record, stored_label
+from engine.record import item_id, read_record
 from shards import Catalog, CatalogError, Hits
-from shards.index import CodeIndex
+from shards.filters import Filter, stored_label
 from training.errors import UserError
 from training.images import BadImage, load_image, load_image_bytes
 
@@ -65,23 +64,10 @@ class Searcher:
         self._device = device
         self._encoder = None
         self.timings = Timings()
-        self._filters: FilterIndex | None = None
-        self._restricted: dict[Filter, CodeIndex] = {}
 
     def refresh(self) -> None:
         """See what was committed since opening (adds and deletes by a writer); not during a search."""
         self.catalog.refresh()
-        self._filters, self._restricted = None, {}
-
-    def _within(self, rule: Filter) -> CodeIndex:
-        """The coarse index over the items that pass `rule` (kept for the 16 filters used last)."""
-        if rule not in self._restricted:
-            if self._filters is None:
-                self._filters = FilterIndex(self.catalog.metadata_items())
-            if len(self._restricted) >= 16:
-                self._restricted.pop(next(iter(self._restricted)))
-            self._restricted[rule] = self.catalog.restrict(self._filters.allowed(rule))
-        return self._restricted[rule]
 
     @property
     def encoder(self) -> Encoder:
@@ -139,8 +125,7 @@ class Searcher:
             pool = 100 * k
         timings = timings if timings is not None else self.timings
         start = time.perf_counter()
-        within = self._within(filter) if filter else None
-        candidates = self.catalog.coarse(codes, m=pool, radius=radius, within=within, nprobe=nprobe)
+        candidates = self.catalog.coarse(codes, m=pool, radius=radius, within=filter or None, nprobe=nprobe)
         coarse_done = time.perf_counter()
         if rerank and features is not None:
             hits = self.catalog.rerank(features, candidates, k)

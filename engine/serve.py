@@ -124,11 +124,11 @@ def create_app(service: Service):
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from engine.filters import Filter
-    from engine.record import item_image, product_metadata, stored_label
+    from engine.record import item_image, product_metadata
     from engine.search import Timings
     from shards.codes import MAX_BITS
     from shards.errors import CatalogError, DamagedError
+    from shards.filters import Filter, stored_label
     from training.images import BadImage
 
     class ResultModel(BaseModel):
@@ -229,7 +229,7 @@ def create_app(service: Service):
         def _conditions(cls, where: list[str]) -> list[str]:
             try:
                 Filter.parse((), where)
-            except UserError as problem:
+            except CatalogError as problem:
                 raise ValueError(str(problem)) from None
             return where
 

@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {"Catalog": "shards.catalog", "Hits": "shards.ranking", "Item": "shards.catalog",
             "Manifest": "shards.catalog", "hamming_distances": "shards.codes", "pad_codes": "shards.codes",
-            "CatalogError": "shards.errors", "DuplicateIdError": "shards.errors"}
+            "CatalogError": "shards.errors", "DuplicateIdError": "shards.errors", "Filter": "shards.filters"}
 __all__ = sorted(_EXPORTS)
 
 

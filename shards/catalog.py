@@ -21,6 +21,7 @@ import numpy as np
 
 from shards.codes import MAX_BITS, MAX_FEATURE_DIM, pad_codes
 from shards.errors import CatalogError, DamagedError, DuplicateIdError, WriterBusyError
+from shards.filters import Filter, FilterIndex
 from shards.index import CodeIndex, find_sorted, index_type
 from shards.ranking import Hits, merge_hits, nearest
 from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, Shard, ShardLayout, gather_rows, row_checksums
@@ -170,6 +171,8 @@ class Catalog:
         self._merged_from: list[CodeIndex] = []
         self._id_order: tuple[list[CodeIndex], np.ndarray] | None = None
         self._locator: tuple[np.ndarray, np.ndarray] | None = None
+        self._filters: FilterIndex | None = None
+        self._filtered: dict[Filter, CodeIndex] = {}
         if not readonly:
             self._take_writer_lock()
         self.shards: list[Shard] = []
@@ -282,7 +285,7 @@ class Catalog:
 
     def refresh(self) -> None:
         """Readers: see everything committed since opening (or the last refresh)."""
-        self._locator = None
+        self._locator, self._filters, self._filtered = None, None, {}
         with self._commit_lock(exclusive=False):
             for shard in self.shards:
                 shard.refresh()
@@ -582,18 +585,30 @@ class Catalog:
         codes = np.ascontiguousarray(codes[order])
         return CodeIndex(ids[order], codes, index_type("flat"))
 
+    def filtered(self, rule: Filter) -> CodeIndex:
+        """`restrict` to the items that pass `rule` (kept for the 16 rules used last; `refresh` forgets them)."""
+        if rule not in self._filtered:
+            if self._filters is None:
+                self._filters = FilterIndex(self.metadata_items())
+            if len(self._filtered) >= 16:
+                self._filtered.pop(next(iter(self._filtered)))
+            self._filtered[rule] = self.restrict(self._filters.allowed(rule))
+        return self._filtered[rule]
+
     def metadata_items(self) -> Iterator[tuple[int, dict | None]]:
         """(id, metadata) of every item, shard by shard."""
         for shard in self.shards:
             yield from shard.metadata_items()
 
     def coarse(self, query_codes: np.ndarray, m: int | None = None, radius: int | None = None,
-               within: CodeIndex | None = None, nprobe: int | None = None) -> list[Hits]:
+               within: CodeIndex | Filter | None = None, nprobe: int | None = None) -> list[Hits]:
         """Hamming stage. `m`: the m nearest codes; `radius`: every code within that distance (capped at m if
         both are given). Exact on a flat catalog: equal to one flat index over all items, ties broken by id; on
         an approximate one (ivf, hash) each shard's approximate top m, merged exactly. Radius search is exact on
-        every type. `within`: only the items of this index (from `restrict`), exactly. `nprobe`: inverted lists
-        each shard visits (ivf; default: 1/64 of them, at least 16)."""
+        every type. `within`: only the items of this index (from `restrict`) or that pass this filter, exactly.
+        `nprobe`: inverted lists each shard visits (ivf; default: 1/64 of them, at least 16)."""
+        if isinstance(within, Filter):
+            within = self.filtered(within) if within else None
         if m is None and radius is None:
             raise CatalogError("coarse search needs m (pool size) or radius")
         if m is not None and m < 1 or radius is not None and radius < 0:
@@ -661,15 +676,16 @@ class Catalog:
         return squared
 
     def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = 10,
-               pool: int | None = None, radius: int | None = None, nprobe: int | None = None) -> list[Hits]:
+               pool: int | None = None, radius: int | None = None, nprobe: int | None = None,
+               within: CodeIndex | Filter | None = None) -> list[Hits]:
         """Two-stage search for a batch of queries: a Hamming pool (`pool` nearest codes, default 100*k, or
         every code within `radius`), re-ranked by Euclidean distance; Hamming order alone without features.
-        `nprobe`: see `coarse`."""
+        `nprobe`, `within`: see `coarse`."""
         if k < 1:
             raise CatalogError(f"k must be >= 1, got {k}")
         if pool is None and radius is None:
             pool = 100 * k
-        candidates = self.coarse(query_codes, m=pool, radius=radius, nprobe=nprobe)
+        candidates = self.coarse(query_codes, m=pool, radius=radius, within=within, nprobe=nprobe)
         if query_features is None:
             return [Hits(h.ids[:k], h.hamming[:k]) for h in candidates]
         return self.rerank(query_features, candidates, k)

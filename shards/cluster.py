@@ -18,10 +18,10 @@ import numpy as np
 
 from shards.catalog import Catalog, Item, Manifest
 from shards.errors import CatalogError
+from shards.filters import Filter
 from shards.ranking import Hits, merge_hits, nearest
 
 TIMEOUT_S = 30.0
-NO_FILTERS = "filtered searches (label, where) are not available on Ray yet"
 
 
 class ShardGroup:
@@ -33,8 +33,9 @@ class ShardGroup:
     def count(self) -> int:
         return len(self.catalog)
 
-    def coarse(self, codes: np.ndarray, m: int | None, radius: int | None, nprobe: int | None) -> list[Hits]:
-        return self.catalog.coarse(codes, m=m, radius=radius, nprobe=nprobe)
+    def coarse(self, codes: np.ndarray, m: int | None, radius: int | None, within: Filter | None,
+               nprobe: int | None) -> list[Hits]:
+        return self.catalog.coarse(codes, m=m, radius=radius, within=within, nprobe=nprobe)
 
     def rerank_squared(self, features: np.ndarray, candidates: list[Hits], k: int) -> list[Hits]:
         return self.catalog.rerank_squared(features, candidates, k)
@@ -133,11 +134,12 @@ class RayCatalog:
         return {int(n): np.flatnonzero(owners == n) for n in np.unique(owners)}
 
     def coarse(self, query_codes: np.ndarray, m: int | None = None, radius: int | None = None,
-               within=None, nprobe: int | None = None) -> list[Hits]:
-        """`Catalog.coarse` across the actors: each group's answer, merged exactly."""
-        if within is not None:
-            raise CatalogError(NO_FILTERS)
-        answers = self._everyone("coarse", query_codes, m, radius, nprobe)
+               within: Filter | None = None, nprobe: int | None = None) -> list[Hits]:
+        """`Catalog.coarse` across the actors: each group's answer, merged exactly. `within`: a filter, which
+        each group applies to its own shards' metadata."""
+        if within is not None and not isinstance(within, Filter):
+            raise CatalogError("within must be a Filter on Ray (a restricted index is one process's)")
+        answers = self._everyone("coarse", query_codes, m, radius, within, nprobe)
         per_query = [[(h.hamming, h.ids) for h in hits] for hits in zip(*answers.values())] if answers else [
             [] for _ in range(len(query_codes))]
         return merge_hits(per_query, m)
@@ -180,9 +182,6 @@ class RayCatalog:
 
     def metadata(self, ids: Sequence[int] | np.ndarray) -> list[dict | None]:
         return self._by_owner("metadata", ids)
-
-    def metadata_items(self):
-        raise CatalogError(NO_FILTERS)  # what a filtered search reads first
 
     def refresh(self) -> None:
         """See what writers committed since the actors opened their shards."""

@@ -1,11 +1,20 @@
-"""Shards served by Ray actors answer exactly as the in-process catalog does (one local Ray instance for the
-whole module, 2 CPUs, shut down at the end)."""
+"""On Ray: shards served by actors answer exactly as the in-process catalog does, and build-index on an actor pool
+makes the catalog a local build makes (one local Ray instance for the whole module, 2 CPUs, shut down at the
+end)."""
+import shutil
+import signal
+import subprocess
+import sys
 import time
 
+import h5py
 import numpy as np
 import pytest
 
-from shards import Catalog, CatalogError
+from engine.build_index import build_index
+from engine.export import export_catalog
+from engine.synthetic import make_image_folder
+from shards import Catalog, CatalogError, Filter
 
 ray = pytest.importorskip("ray")
 
@@ -29,7 +38,8 @@ def catalogs(tmp_path_factory):
     for shards in (1, 3, 4):
         path = tmp_path_factory.mktemp(f"ray{shards}") / "c"
         with Catalog.create(path, 48, FEATURE_DIM, shards=shards) as catalog:
-            catalog.add(ids, codes, features, [{"path": f"/x/{i}.png", "label": str(i % 3)} for i in ids])
+            catalog.add(ids, codes, features, [{"path": f"/x/{i}.png", "label": str(i % 3),
+                                                "metadata": {"brand": "acme" if i % 5 else "other"}} for i in ids])
         made[shards] = path
     queries = np.concatenate([codes[:3], np.packbits(rng.random((3, 48)) < 0.5, axis=1)])
     return made, ids, queries, rng.standard_normal((6, FEATURE_DIM)).astype(np.float32)
@@ -53,6 +63,11 @@ def test_distributed_search_equals_local(local_ray, catalogs, shards, per_actor)
                                  local.search(queries, query_features, k=k, pool=pool))
             for radius in (0, 6, 12):
                 assert same_hits(remote.coarse(queries, radius=radius), local.coarse(queries, radius=radius))
+            for rule in (Filter.parse(["1"]), Filter.parse(["0", "2"], ["brand:other"]), Filter.parse(["9"])):
+                assert same_hits(remote.search(queries, query_features, k=5, pool=40, within=rule),
+                                 local.search(queries, query_features, k=5, pool=40, within=rule))
+                assert same_hits(remote.coarse(queries, radius=8, within=rule),
+                                 local.coarse(queries, radius=8, within=rule))
             some = ids[[5, 17, 900]].tolist() + [123]
             assert [i and i.id for i in remote.get(some)] == [i and i.id for i in local.get(some)]
             assert remote.metadata(some) == local.metadata(some)
@@ -75,3 +90,60 @@ def test_a_dead_actor_is_named_within_the_timeout(local_ray, catalogs):
         assert all((h.ids % 4 < 2).all() for h in partial)
     finally:
         remote.close()
+
+
+def exported(catalog, file) -> dict[str, np.ndarray]:
+    """A catalog's items through engine.export, in id order."""
+    export_catalog(catalog, file, progress=False)
+    with h5py.File(file) as f:
+        order = np.argsort(f["ids"][:])
+        return {name: f[name][:][order] for name in ("ids", "codes", "features", "labels", "paths", "metadata")}
+
+
+def test_distributed_build_equals_local_build(local_ray, image_folder, trained_model, tmp_path):
+    """Ray Data's actors (one per CPU) encode the same batches as a local build's worker: the same ids, codes,
+    labels and paths, features equal within float16 rounding, the same bad file reported."""
+    images = tmp_path / "images"
+    shutil.copytree(image_folder, images)
+    (images / "ring" / "broken.png").write_bytes(b"not a png")
+    local = build_index(images, trained_model, tmp_path / "local", shards=3, batch_size=16, workers=1,
+                        progress=False)
+    remote = build_index(images, trained_model, tmp_path / "ray", shards=3, batch_size=16, ray="local",
+                         progress=False)
+    assert remote.indexed == local.indexed == remote.found - 1 and remote.failures == local.failures
+    assert [f["path"] for f in remote.failures] == [str(images / "ring" / "broken.png")]
+    a, b = exported(tmp_path / "local", tmp_path / "a.h5"), exported(tmp_path / "ray", tmp_path / "b.h5")
+    for name in ("ids", "codes", "labels", "paths", "metadata"):
+        assert np.array_equal(a[name], b[name]), name
+    np.testing.assert_allclose(a["features"].astype(np.float32), b["features"].astype(np.float32), rtol=1e-3)
+    again = build_index(images, trained_model, tmp_path / "ray", ray="local", progress=False)
+    assert again.unchanged == remote.indexed and again.indexed == 0 and again.failed == 1  # the bad file again
+
+
+def test_ray_build_killed_mid_way_resumes_with_every_image_once(local_ray, trained_model, tmp_path, cli_env):
+    """A build-index driver joined to a running Ray instance (HOST:PORT), SIGKILLed mid-build: the rerun commits
+    the rest, and every image is in the catalog exactly once."""
+    files = make_image_folder(tmp_path / "images", per_class=150, size=32, seed=5)
+    catalog = tmp_path / "c"
+    args = ["-m", "engine.build_index", tmp_path / "images", "--model", trained_model, "--catalog", catalog,
+            "--batch-size", "8", "--workers", "1", "--ray", ray.get_runtime_context().gcs_address]
+    process = subprocess.Popen([sys.executable, *map(str, args)], env=cli_env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        shard = catalog / "shard-0000" / "data.mdb"
+        if shard.exists() and shard.stat().st_size > 100_000:  # some batches are in
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    with Catalog.open(catalog) as partial:
+        done = len(partial)
+    assert 0 < done < len(files), "the kill did not land mid-build"
+    result = subprocess.run([sys.executable, *map(str, args)], env=cli_env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert f"indexed {len(files) - done}, unchanged {done}" in result.stdout
+    with Catalog.open(catalog) as finished:
+        paths = [item.meta["path"] for item in finished]
+    assert sorted(paths) == sorted(map(str, files))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.filters import Filter
+from shards.filters import Filter
 from engine.search import Searcher
 from engine.synthetic import make_image_folder
 from shards import Catalog, hamming_distances

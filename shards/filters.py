@@ -13,8 +13,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from engine.record import stored_label
-from training.errors import UserError
+from shards.errors import CatalogError
+
+
+def stored_label(meta: dict | None) -> str | None:
+    """An item's label as text (an imported catalog may hold bare class numbers)."""
+    label = (meta or {}).get("label")
+    return None if label is None else str(label)
 
 
 def field_text(value: object) -> str:
@@ -34,7 +39,7 @@ class Filter:
         for condition in where:
             field, colon, value = condition.partition(":")
             if not colon or not field:
-                raise UserError(f"where must look like field:value, got {condition!r}")
+                raise CatalogError(f"where must look like field:value, got {condition!r}")
             pairs.append((field, value))
         return cls(tuple(sorted(set(labels))), tuple(sorted(set(pairs))))
 

@@ -2,7 +2,7 @@
 
   python benchmarks/ann.py --items 10000000 --nprobe 8 16 32 64 128
   python benchmarks/ann.py --items 100000000 --shards 8 --nprobe 4 8 16 --skip-flat-batch
-  python benchmarks/ann.py --real DIR   # codes of a trained model: DIR holds db_codes.npy, query_codes.npy, ...
+  python benchmarks/ann.py --real MODEL_DIR --data ../shared/data/cifar-10-batches-py --nprobe 1 2 4 8 16
 
 Builds the indices through the catalog's own index registry (`shards.index`), one `CodeIndex` per shard, and
 merges per-shard results exactly as `Catalog.coarse` does (by distance, then id). Synthetic codes are scale.py's
@@ -38,10 +38,18 @@ def synthetic(items: int, queries: int, bits: int, dim: int) -> tuple[np.ndarray
     return codes, features, query_codes, query_features.astype(np.float32)
 
 
-def real(folder: Path) -> tuple[np.ndarray, ...]:
-    files = [folder / f"{name}.npy" for name in ("db_codes", "db_features", "query_codes", "query_features")]
-    codes, features, query_codes, query_features = (np.load(f) for f in files)
-    return codes, features, query_codes, query_features.astype(np.float32)
+def real(model_dir: Path, data: Path) -> tuple[np.ndarray, ...]:
+    """A trained model's codes and features of a labelled dataset: the training images are the database, the
+    test images the queries (the paper's protocol)."""
+    from paper_table import encode_all
+    from training.data import load_dataset
+    from training.model import load_model
+
+    model = load_model(model_dir)
+    dataset = load_dataset(data, input_size=model.config.input_size)
+    (query_codes, query_features), (codes, features) = (encode_all(model, dataset.test.images),
+                                                        encode_all(model, dataset.train.images))
+    return codes, features.astype(np.float16), query_codes, query_features.astype(np.float32)
 
 
 def split(codes: np.ndarray, shards: int, kind: str, **options) -> tuple[list, float]:
@@ -100,7 +108,9 @@ def recall_at_k(exact: np.ndarray, found: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=10_000_000)
-    parser.add_argument("--real", type=Path, help="folder of .npy codes and features from a trained model")
+    parser.add_argument("--real", type=Path, help="a trained model directory: its codes of --data instead of "
+                        "synthetic ones (database: the training images; queries: the test images)")
+    parser.add_argument("--data", type=Path, help="the labelled dataset for --real (e.g. CIFAR-10's python batches)")
     parser.add_argument("--shards", type=int, default=1, help="indices the codes are split into (merged exactly)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--single", type=int, default=100, help="queries timed one by one")
@@ -113,7 +123,7 @@ def main() -> None:
     faiss.omp_set_num_threads(1)
     print(f"machine: {machine()}", flush=True)
     begin = time.perf_counter()
-    codes, features, queries, query_features = real(args.real) if args.real else synthetic(
+    codes, features, queries, query_features = real(args.real, args.data) if args.real else synthetic(
         args.items, args.queries, 64, 16)
     queries, query_features = queries[:args.queries], query_features[:args.queries]
     print(f"data: {len(codes):,} codes of {codes.shape[1] * 8} bits, {len(queries)} queries "

@@ -10,7 +10,7 @@
   python benchmarks/indexing.py --backbone resnet50 --photos 160 --photo-size 800x800 1600x1200
 
 `--ray` adds, in the same rounds, a build on Ray Data's actor pool (`build-index --ray local`) and its rate as
-a ratio to the local build's.
+a ratio to the local build's: over the whole encoding (the actors' start-up included) and after the first batch.
 
 Per directory: one first build (a cold process: model load, first-call set-up), then `--rounds` rounds that
 alternate a fresh build-index with the same model encoding the pre-decoded tensors, so that this shared host's
@@ -31,7 +31,7 @@ from PIL import Image
 
 import common  # noqa: F401
 from common import machine
-from engine.build_index import build_index
+from engine.build_index import BuildSummary, build_index
 from engine.encode import default_workers
 from engine.search import Searcher
 from training.images import list_images, load_image
@@ -129,22 +129,25 @@ def main() -> None:
         begin = time.perf_counter()
         connect("local")
         print(f"ray.init (once per cluster, not in the builds' rates): {time.perf_counter() - begin:.1f} s\n")
-    ray_columns = " Ray build-index img/s (median) | Ray / local |" if args.ray else ""
+    ray_columns = (" Ray build-index img/s (median) | Ray / local | after the first batch: local, Ray img/s | "
+                   "Ray / local |") if args.ray else ""
     print("| images | files | worker processes | first build img/s | build-index img/s (median) | "
           f"pre-decoded img/s (median) | ratio |{ray_columns}")
-    print("|---|---|---|---|---|---|---|" + "---|---|" * args.ray)
+    print("|---|---|---|---|---|---|---|" + "---|---|---|---|" * args.ray)
     catalogs = []
     for directory in directories:
         files = list_images(directory)
         catalog = work / f"catalog-{directory.name}"
 
-        def build(ray: str | None = None) -> float:
-            """Images per second from the first batch's start (with Ray: the actors' start-up included)."""
+        def build(ray: str | None = None) -> BuildSummary:
             shutil.rmtree(catalog, ignore_errors=True)
             return build_index(directory, args.model, catalog, shards=2, batch_size=args.batch_size,
-                               workers=args.workers, progress=False, ray=ray).images_per_second
+                               workers=args.workers, progress=False, ray=ray)
 
-        first = build()
+        def median(summaries: list[BuildSummary], rate: str = "images_per_second") -> float:
+            return statistics.median(getattr(s, rate) for s in summaries)
+
+        first = build().images_per_second
         tensors = torch.stack([load_image(f, model.config.input_size) for f in files])
         builds, baselines, ray_builds = [], [], []
         for _ in range(args.rounds):
@@ -152,9 +155,13 @@ def main() -> None:
             baselines.append(predecoded_rate(model, tensors, args.batch_size))
             if args.ray:
                 ray_builds.append(build("local"))
-        built, baseline = statistics.median(builds), statistics.median(baselines)
+        built, baseline = median(builds), statistics.median(baselines)
         workers = default_workers(len(files)) if args.workers is None else args.workers
-        on_ray = f" {statistics.median(ray_builds):.0f} | {statistics.median(ray_builds) / built:.2f} |" if args.ray else ""
+        on_ray = ""
+        if args.ray:
+            steady, ray_steady = median(builds, "steady_images_per_second"), median(ray_builds, "steady_images_per_second")
+            on_ray = (f" {median(ray_builds):.0f} | {median(ray_builds) / built:.2f} | {steady:.0f}, {ray_steady:.0f} | "
+                      f"{ray_steady / steady:.2f} |")
         print(f"| {directory.name} | {len(files)} | {workers} | {first:.0f} | {built:.0f} | {baseline:.0f} | "
               f"{built / baseline:.2f} |{on_ray}", flush=True)
         catalogs.append((catalog, files))

@@ -43,7 +43,9 @@ class BuildSummary:
     pruned: int = 0
     failed: int = 0
     seconds: float = 0.0
-    images_per_second: float = 0.0
+    images_per_second: float = 0.0  # from the start of encoding: start-up (workers, Ray actors) included
+    first_batch_seconds: float = 0.0  # from the start of encoding to the first batch committed
+    steady_images_per_second: float = 0.0  # after the first batch: the pipeline's rate, start-up excluded
     failures: list[dict] = field(default_factory=list)
     metadata_unmatched: list[dict] = field(default_factory=list)  # --metadata lines with no usable image
 
@@ -179,6 +181,9 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
                          for p in positions]
                 if positions:
                     catalog.add(ids[positions], batch.codes, batch.features, metas)
+                if not summary.first_batch_seconds:
+                    summary.first_batch_seconds = time.perf_counter() - encode_start
+                    first_batch = len(batch.positions) + len(batch.failures)
                 summary.indexed += len(positions)
                 summary.failures += [dict(path=display_path(todo_files[p]), error=e) for p, e in batch.failures]
                 bar.update(len(batch.positions) + len(batch.failures))
@@ -188,7 +193,12 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     summary.failed = len(summary.failures)
     summary.seconds = round(time.perf_counter() - started, 2)
     if todo_files:
-        summary.images_per_second = round(len(todo_files) / (time.perf_counter() - encode_start), 1)
+        encoding = time.perf_counter() - encode_start
+        summary.images_per_second = round(len(todo_files) / encoding, 1)
+        if encoding > summary.first_batch_seconds and len(todo_files) > first_batch:
+            summary.steady_images_per_second = round((len(todo_files) - first_batch)
+                                                     / (encoding - summary.first_batch_seconds), 1)
+        summary.first_batch_seconds = round(summary.first_batch_seconds, 2)
     (catalog_dir / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
 

@@ -219,7 +219,7 @@ def create_app(service: Service):
         pool: int | None = Field(None, ge=1, le=MAX_POOL, description="Hamming candidates (default 100*k)")
         radius: int | None = Field(None, ge=0, le=MAX_BITS, description="pool = every code within this radius")
         nprobe: int | None = Field(None, ge=1, le=1 << 20, description="ivf catalogs: inverted lists each shard "
-                                   "visits (default 1/64 of them, at least 16)")
+                                   "visits (default: 1/64 of them, at least 16, more for a pool that spans many lists)")
         rerank: bool = Field(True, description="re-rank the pool by Euclidean distance")
         label: list[str] = Field([], description="only items with any of these labels")
         where: list[str] = Field([], description="only items whose metadata has field:value (repeatable)")

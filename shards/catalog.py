@@ -606,7 +606,7 @@ class Catalog:
         both are given). Exact on a flat catalog: equal to one flat index over all items, ties broken by id; on
         an approximate one (ivf, hash) each shard's approximate top m, merged exactly. Radius search is exact on
         every type. `within`: only the items of this index (from `restrict`) or that pass this filter, exactly.
-        `nprobe`: inverted lists each shard visits (ivf; default: 1/64 of them, at least 16)."""
+        `nprobe`: inverted lists each shard visits (ivf; default: `shards.index.default_nprobe`)."""
         if isinstance(within, Filter):
             within = self.filtered(within) if within else None
         if m is None and radius is None:

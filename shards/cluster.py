@@ -81,7 +81,7 @@ class RayCatalog:
         self.path = Path(path).resolve()
         self.manifest = Manifest.read(self.path)
         self.timeout, self.allow_partial = timeout, allow_partial
-        self.missing_shards: list[int] = []  # the shards the last call went without (allow_partial)
+        self.missing_shards: list[int] = []  # the shards the last query (or read) went without (allow_partial)
         connect(address)
         import ray
 
@@ -106,10 +106,16 @@ class RayCatalog:
         """Run `method(*args)` on each (actor number, args); answers by actor number. Raises, naming the shards,
         for actors that died or did not answer within the timeout (unless allow_partial)."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import GetTimeoutError, RayActorError
 
         refs = {n: getattr(self.actors[n], method).remote(*args) for n, args in calls}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.timeout)
+        try:  # the usual case in one call; a failure is sorted out below
+            return dict(zip(refs, ray.get(list(refs.values()), timeout=self.timeout)))
+        except GetTimeoutError:
+            waited = 0.0  # the timeout has passed: only what is ready now counts
+        except RayActorError:
+            waited = self.timeout
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=waited)
         ready = set(ready)
         answers, failed = {}, [n for n, ref in refs.items() if ref not in ready]
         for n, ref in refs.items():
@@ -118,7 +124,7 @@ class RayCatalog:
                     answers[n] = ray.get(ref)
                 except RayActorError:
                     failed.append(n)
-        self.missing_shards = sorted(s for n in failed for s in self.groups[n])
+        self.missing_shards = sorted(set(self.missing_shards) | {s for n in failed for s in self.groups[n]})
         if failed and not self.allow_partial:
             raise CatalogError(f"{self.path}: shards {self.missing_shards} did not answer within {self.timeout:g} s "
                                "(their Ray actor died or is stuck); pass allow_partial=True for the other shards' "
@@ -139,6 +145,7 @@ class RayCatalog:
         each group applies to its own shards' metadata."""
         if within is not None and not isinstance(within, Filter):
             raise CatalogError("within must be a Filter on Ray (a restricted index is one process's)")
+        self.missing_shards = []  # a query starts here; its fine stage adds what it misses
         answers = self._everyone("coarse", query_codes, m, radius, within, nprobe)
         per_query = [[(h.hamming, h.ids) for h in hits] for hits in zip(*answers.values())] if answers else [
             [] for _ in range(len(query_codes))]
@@ -169,6 +176,7 @@ class RayCatalog:
 
     def _by_owner(self, method: str, ids: Sequence[int] | np.ndarray) -> list:
         ids = np.asarray(ids, np.int64)
+        self.missing_shards = []
         found: list = [None] * len(ids)
         split = self._split(ids)
         answers = self._call(method, [(n, (ids[rows],)) for n, rows in split.items()])
@@ -185,6 +193,7 @@ class RayCatalog:
 
     def refresh(self) -> None:
         """See what writers committed since the actors opened their shards."""
+        self.missing_shards = []
         self._count = sum(self._everyone("refresh").values())
 
     def close(self) -> None:

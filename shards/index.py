@@ -33,7 +33,7 @@ class IndexType:
         (if any) may be reused."""
         raise NotImplementedError
 
-    def knn_parameters(self, index, nprobe: int | None):
+    def knn_parameters(self, index, nprobe: int | None, m: int):
         """Faiss search parameters for a top-m search (None: the index's own settings)."""
         return None
 
@@ -103,7 +103,7 @@ class HashIndex(IndexType):
             index.add(padded)
         return index
 
-    def knn_parameters(self, index, nprobe: int | None):
+    def knn_parameters(self, index, nprobe: int | None, m: int):
         index.nflip = min(KNN_HASH_FLIPS, index.b)
         return None
 
@@ -123,11 +123,15 @@ def ivf_lists(items: int) -> int:
     return max(1, min(math.isqrt(items), items // IVF_TRAIN_PER_LIST))
 
 
-def default_nprobe(nlist: int) -> int:
-    """Lists probed when the caller does not say: 1/64 of them, at least 16 (55 of 3,535 lists per shard at
-    100M items). At 10M and 100M synthetic codes recall@10 was >= 0.98 from 4 lists up; at 100k items (316
-    lists) 16 lists gave only recall@1000 0.62 (RESULTS.md): ivf is for 10M+ items."""
-    return min(nlist, max(16, nlist // 64))
+POOL_SPREAD = 32  # lists per list's worth of pool; 100k synthetic codes: 20x gave recall@1000 0.94-0.96, 32x 0.98
+
+
+def default_nprobe(nlist: int, items: int, m: int) -> int:
+    """Lists probed for a top-m search when the caller does not say: 1/64 of them, at least 16, and at least
+    POOL_SPREAD times the lists a pool of m fills on average (m * nlist / items). At 10M and 100M synthetic
+    codes the first rule rules (49-55 lists; recall@10 >= 0.98 from 4 up); at 100k items a pool of 1,000 spans
+    many lists and the second does (102 of 316, where 16 gave recall@1000 0.62; RESULTS.md)."""
+    return min(nlist, max(16, nlist // 64, math.ceil(POOL_SPREAD * m * nlist / max(1, items))))
 
 
 @register_index_type
@@ -157,10 +161,10 @@ class IVFIndex(IndexType):
             index.add(padded)
         return index
 
-    def knn_parameters(self, index, nprobe: int | None):
+    def knn_parameters(self, index, nprobe: int | None, m: int):
         import faiss
 
-        probes = default_nprobe(index.nlist) if nprobe is None else nprobe
+        probes = default_nprobe(index.nlist, index.ntotal, m) if nprobe is None else nprobe
         return faiss.SearchParametersIVF(nprobe=max(1, min(probes, index.nlist)))
 
     def search_radius(self, code_index: "CodeIndex", padded_queries: np.ndarray, radius: int) -> list:
@@ -214,7 +218,7 @@ class CodeIndex:
             empty = np.empty((len(padded_queries), 0))
             return empty.astype(np.int32), empty.astype(np.int64), empty.astype(np.int64)
         distances, positions = self.index.search(padded_queries, k,
-                                                 params=self.kind.knn_parameters(self.index, nprobe))
+                                                 params=self.kind.knn_parameters(self.index, nprobe, k))
         ids = np.where(positions >= 0, self.ids[np.maximum(positions, 0)], -1)
         if not self.kind.scan_order:
             missing = ids < 0

@@ -106,6 +106,25 @@ def test_ivf_probing_every_list_equals_brute_force_and_radius_is_exact(tmp_path,
             catalog.coarse(codes[:1], m=5, nprobe=0)
 
 
+def test_ivf_default_nprobe_grows_with_the_pool(rng):
+    """A pool of 1,000 in 100k clustered codes spans many lists: the default nprobe follows the pool, so the
+    default search finds the exact top-1,000 (tie-aware) where a fixed 16 lists would not."""
+    from shards.index import CodeIndex, default_nprobe, index_type
+
+    centres = rng.random((1000, 64)) < 0.5
+    bits = centres[rng.integers(0, 1000, 100_000)] ^ (rng.random((100_000, 64)) < 0.08)
+    codes, ids = np.packbits(bits, axis=1), np.arange(100_000, dtype=np.int64)
+    flat, ivf = CodeIndex(ids, codes, index_type("flat")), CodeIndex(ids, codes, index_type("ivf"))
+    queries = codes[rng.choice(100_000, 20, replace=False)]
+    exact, _, _ = flat.search_knn(queries, 1000)
+
+    def recall(distances: np.ndarray) -> float:  # returned codes within the exact 1,000th distance
+        return float(np.mean(distances <= exact[:, -1:]))
+
+    assert default_nprobe(ivf.index.nlist, 100_000, 1000) > 16
+    assert recall(ivf.search_knn(queries, 1000)[0]) >= 0.95 > recall(ivf.search_knn(queries, 1000, nprobe=16)[0])
+
+
 def test_ivf_index_is_stored_and_keeps_its_training_through_adds(tmp_path, rng):
     ids, codes, features = random_items(rng, 4000, 64)
     with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=1, index="ivf") as catalog:

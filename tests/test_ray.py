@@ -76,7 +76,7 @@ def test_distributed_search_equals_local(local_ray, catalogs, shards, per_actor)
 
 
 def test_a_dead_actor_is_named_within_the_timeout(local_ray, catalogs):
-    paths, _, queries, _ = catalogs
+    paths, _, queries, query_features = catalogs
     remote = RayCatalog(paths[4], "local", 2, timeout=5)
     try:
         ray.kill(remote.actors[1])
@@ -88,6 +88,8 @@ def test_a_dead_actor_is_named_within_the_timeout(local_ray, catalogs):
         partial = remote.coarse(queries, m=10)
         assert remote.missing_shards == [2, 3]
         assert all((h.ids % 4 < 2).all() for h in partial)
+        found = remote.search(queries, query_features, k=5, pool=20)  # both stages: the fine one keeps the list
+        assert remote.missing_shards == [2, 3] and all(len(h) == 5 and (h.ids % 4 < 2).all() for h in found)
     finally:
         remote.close()
 

@@ -79,11 +79,13 @@ class Service:
         record = read_record(self.catalog_dir)
         self.image_roots = record.image_roots if record is not None else []  # extended by add_photo
         self.max_upload = int(max_upload_mb * (1 << 20))
-        self.writer = None if read_only else Catalog.open(self.catalog_dir, readonly=False)
+        self.writer = None if read_only or ray is not None else Catalog.open(self.catalog_dir, readonly=False)
         # One Faiss thread per search: concurrent requests fill the cores (a second thread never speeds up one
         # query on these machines, DESIGN.md), and no OpenMP teams are started from many threads at once.
         self.searcher = Searcher(self.catalog_dir, model_dir, device, threads=1, ray=ray,
                                  shards_per_actor=shards_per_actor)
+        if ray is not None and not read_only:  # writes go to the actors that own the items' shards
+            self.writer = self.searcher.catalog
         self.lock = ReadWriteLock()
         self.write_lock = threading.Lock()
         self.registry = CollectorRegistry()
@@ -98,7 +100,7 @@ class Service:
     def close(self) -> None:
         with self.lock.writing():
             self.searcher.close()
-            if self.writer is not None:
+            if self.writer is not None and self.writer is not self.searcher.catalog:
                 self.writer.close()
 
     def observe(self, timings) -> None:

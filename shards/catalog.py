@@ -161,7 +161,7 @@ def _per_query(tasks: list, parts: list, n_queries: int) -> list[list]:
 
 class Catalog:
     def __init__(self, path: Path, manifest: Manifest, readonly: bool, threads: int | None = None,
-                 shards: Sequence[int] | None = None):
+                 shards: Sequence[int] | None = None, writer_may_join: bool = False):
         self.path = path
         self.manifest = manifest
         self.readonly = readonly
@@ -183,13 +183,12 @@ class Catalog:
                 raise CatalogError(f"{path / MANIFEST}: says {manifest.shard_count} shards, but {', '.join(extra)} "
                                    "also exist: the manifest does not match the catalog")
             held = range(manifest.shard_count) if shards is None else sorted(set(shards))
-            if shards is not None and (not readonly or not all(0 <= i < manifest.shard_count for i in held)):
-                raise CatalogError(f"{path}: a subset of shards opens read-only, numbered 0.."
-                                   f"{manifest.shard_count - 1}; got {list(shards)}")
+            if shards is not None and not all(0 <= i < manifest.shard_count for i in held):
+                raise CatalogError(f"{path}: shards are numbered 0..{manifest.shard_count - 1}; got {list(shards)}")
             with self._commit_lock(exclusive=not readonly):
                 for i in held:
                     self.shards.append(Shard(path / f"shard-{i:04d}", manifest.layout, readonly, i,
-                                             manifest.shard_count))
+                                             manifest.shard_count, writer_may_join))
                 if not readonly:
                     self._roll_back_unfinished_add()
         except BaseException:
@@ -232,21 +231,24 @@ class Catalog:
 
     @classmethod
     def open(cls, path: str | os.PathLike, readonly: bool = True, model_fingerprint: str | None = None,
-             threads: int | None = None, shards: Sequence[int] | None = None) -> "Catalog":
+             threads: int | None = None, shards: Sequence[int] | None = None,
+             writer_may_join: bool = False) -> "Catalog":
         """Open an existing catalog; with `model_fingerprint`, refuse one whose codes another model made.
-        `shards`: only these shard numbers (read-only), as one node of a cluster serves them; searches and
-        reads then see only the items those shards hold."""
+        `shards`: only these shard numbers, as one node of a cluster serves them; searches and reads then see
+        only the items those shards hold, and a writer takes only their items (one writer at a time still).
+        `writer_may_join`: a reader beside which this process may later open a writer."""
         path = Path(path)
         manifest = Manifest.read(path)
         if model_fingerprint is not None and manifest.model_fingerprint not in (None, model_fingerprint):
             raise CatalogError(f"{path / MANIFEST}: made by model {manifest.model_fingerprint}, not "
                                f"{model_fingerprint}; its codes are not comparable")
-        if readonly and (path / JOURNAL).exists() and os.access(path, os.W_OK):
-            try:  # a writer died mid-batch: finish its rollback first, unless a live writer holds the catalog
-                cls(path, manifest, readonly=False).close()
-            except WriterBusyError:  # the live writer rolls its own batch back
-                pass
-        return cls(path, manifest, readonly, threads, shards)
+        if (readonly or shards is not None) and (path / JOURNAL).exists() and os.access(path, os.W_OK):
+            try:  # a writer died mid-batch: finish its rollback in every shard first, unless a live writer
+                cls(path, manifest, readonly=False).close()  # holds the catalog (it rolls its own batch back)
+            except WriterBusyError:
+                if not readonly:
+                    raise
+        return cls(path, manifest, readonly, threads, shards, writer_may_join)
 
     def _take_writer_lock(self) -> None:
         try:
@@ -351,6 +353,14 @@ class Catalog:
             raise CatalogError(f"{self.path}: ids must be non-negative")
         return ids
 
+    def _check_held(self, ids: np.ndarray, what: str = "the ids") -> None:
+        """A catalog opened on a subset of shards writes only their items."""
+        if len(self.shards) < self.manifest.shard_count:
+            others = sorted(set((ids % self.manifest.shard_count).tolist()) - {s.number for s in self.shards})
+            if others:
+                raise CatalogError(f"{self.path}: {what} belong to shards {others[:10]}, not opened here "
+                                   f"(shards {[s.number for s in self.shards]})")
+
     def _by_shard(self, ids: np.ndarray) -> list[np.ndarray]:
         """For each shard, the positions in `ids` of the items it holds."""
         owner = ids % self.manifest.shard_count
@@ -363,6 +373,7 @@ class Catalog:
         if self.readonly:
             raise CatalogError(f"{self.path}: opened read-only")
         ids = self._check_ids(ids)
+        self._check_held(ids)
         codes = self._check_codes(codes)
         features = self._check_features(features, len(ids)).astype(self.manifest.feature_dtype, copy=False)
         if len(codes) != len(ids) or (metas is not None and len(metas) != len(ids)):
@@ -403,6 +414,7 @@ class Catalog:
             raise DamagedError(f"{journal}: damaged ({len(raw)} bytes, not whole 8-byte ids); it names the items "
                                "of a batch that was cut short: compare with build-report.json, or delete it")
         ids = np.frombuffer(raw, dtype=np.int64)
+        self._check_held(ids, "the cut-short batch in " + str(journal))
         for shard, rows in zip(self.shards, self._by_shard(ids)):
             if len(rows):
                 shard.delete(ids[rows])
@@ -413,6 +425,7 @@ class Catalog:
         if self.readonly:
             raise CatalogError(f"{self.path}: opened read-only")
         ids = self._check_ids(ids)
+        self._check_held(ids)
         with self._commit_lock(exclusive=True):
             return sum(shard.delete(ids[rows]) for shard, rows in zip(self.shards, self._by_shard(ids)) if len(rows))
 

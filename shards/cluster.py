@@ -28,7 +28,9 @@ class ShardGroup:
     """One actor's shards, opened read-only; the methods are those of `Catalog` the driver needs."""
 
     def __init__(self, path: str, shards: Sequence[int]):
-        self.catalog = Catalog.open(path, readonly=True, threads=1, shards=shards)
+        self.path, self.shards = path, list(shards)
+        self.catalog = Catalog.open(path, readonly=True, threads=1, shards=shards,
+                                    writer_may_join=os.access(path, os.W_OK))  # writes: `add`, `delete`
 
     def count(self) -> int:
         return len(self.catalog)
@@ -45,6 +47,19 @@ class ShardGroup:
 
     def metadata(self, ids: np.ndarray) -> list[dict | None]:
         return self.catalog.metadata(ids)
+
+    def present(self, ids: np.ndarray) -> np.ndarray:
+        return self.catalog.present(ids)
+
+    def add(self, ids: np.ndarray, codes: np.ndarray, features: np.ndarray, metas: list[dict] | None) -> None:
+        """Commit to this group's shards (a writer on them alone, for this batch); searches see it after
+        `refresh`."""
+        with Catalog.open(self.path, readonly=False, threads=1, shards=self.shards) as writer:
+            writer.add(ids, codes, features, metas)
+
+    def delete(self, ids: np.ndarray) -> int:
+        with Catalog.open(self.path, readonly=False, threads=1, shards=self.shards) as writer:
+            return writer.delete(ids)
 
     def refresh(self) -> int:
         self.catalog.refresh()
@@ -104,7 +119,18 @@ class RayCatalog:
 
     def _call(self, method: str, calls: list[tuple[int, tuple]]) -> dict[int, object]:
         """Run `method(*args)` on each (actor number, args); answers by actor number. Raises, naming the shards,
-        for actors that died or did not answer within the timeout (unless allow_partial)."""
+        for actors that died or did not answer within the timeout (unless allow_partial); a catalog error an
+        actor raised is raised here as it is."""
+        from ray.exceptions import RayTaskError
+
+        try:
+            return self._answers(method, calls)
+        except RayTaskError as error:
+            if isinstance(error.cause, CatalogError):
+                raise error.cause from None
+            raise
+
+    def _answers(self, method: str, calls: list[tuple[int, tuple]]) -> dict[int, object]:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -190,6 +216,39 @@ class RayCatalog:
 
     def metadata(self, ids: Sequence[int] | np.ndarray) -> list[dict | None]:
         return self._by_owner("metadata", ids)
+
+    def present(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """A mask of the ids the actors' snapshots hold."""
+        found = self._by_owner("present", ids)
+        return np.array(found, bool)
+
+    def add(self, ids: Sequence[int] | np.ndarray, codes: np.ndarray, features: np.ndarray,
+            metas: Sequence[dict] | None = None) -> None:
+        """Each group commits its part of the batch to its own shards, one group after another (the catalog
+        has one writer at a time). If a group refuses (a duplicate id) or fails, the parts already committed
+        are deleted again: all of the batch or none. Searches see it after `refresh`."""
+        ids = np.asarray(ids, np.int64)
+        codes, features = np.asarray(codes), np.asarray(features)
+        done: list[int] = []
+        self.missing_shards = []
+        try:
+            for n, rows in self._split(ids).items():
+                part = [metas[r] for r in rows] if metas is not None else None
+                self._call("add", [(n, (ids[rows], codes[rows], features[rows], part))])
+                done.append(n)
+        except BaseException:
+            split = self._split(ids)
+            if done:
+                self._call("delete", [(n, (ids[split[n]],)) for n in done])
+            raise
+
+    def delete(self, ids: Sequence[int] | np.ndarray) -> int:
+        """Delete items through the groups that own them (absent ids are ignored); returns how many were
+        removed. Searches see it after `refresh`."""
+        ids = np.asarray(ids, np.int64)
+        self.missing_shards = []
+        split = self._split(ids)
+        return sum(self._call("delete", [(n, (ids[rows],))]).get(n, 0) for n, rows in split.items())
 
     def refresh(self) -> None:
         """See what writers committed since the actors opened their shards."""

@@ -167,7 +167,9 @@ def _cover_last_page(env: lmdb.Environment, data_file: Path, readonly: bool) -> 
 
 class Shard:
     def __init__(self, path: str | os.PathLike, layout: ShardLayout, readonly: bool = True,
-                 number: int = 0, count: int = 1):
+                 number: int = 0, count: int = 1, writer_may_join: bool = False):
+        """`writer_may_join`: a reader whose process may later open a writer on this shard too (LMDB allows one
+        environment per file per process, so the reader opens it writable; it still writes nothing)."""
         self.path = Path(path)
         self.layout = layout
         self.readonly = readonly
@@ -176,7 +178,7 @@ class Shard:
         if readonly and not self.data_file.is_file():
             raise CatalogError(f"{self.data_file}: shard data file is missing")
         self.path.mkdir(parents=True, exist_ok=True)
-        self.env, databases = _open_env(self.path, readonly)
+        self.env, databases = _open_env(self.path, readonly and not writer_may_join)
         self._items, self._blocks, self._meta, self._info = databases
         self._snapshot: lmdb.Transaction | None = None
         self._block_map: tuple[np.ndarray, np.ndarray] | None = None

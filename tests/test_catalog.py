@@ -106,6 +106,25 @@ def test_ivf_probing_every_list_equals_brute_force_and_radius_is_exact(tmp_path,
             catalog.coarse(codes[:1], m=5, nprobe=0)
 
 
+def test_a_writer_on_some_shards_takes_only_their_items(tmp_path, rng):
+    ids, codes, features = random_items(rng, 300, 64)
+    with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=3) as catalog:
+        catalog.add(ids[:200], codes[:200], features[:200])
+    mine = ids[200:][ids[200:] % 3 == 1]
+    with Catalog.open(tmp_path / "c", shards=[1], writer_may_join=True) as reader, \
+            Catalog.open(tmp_path / "c", readonly=False, shards=[1]) as writer:  # one process: reader, then writer
+        writer.add(mine, codes[200:][ids[200:] % 3 == 1], features[200:][ids[200:] % 3 == 1])
+        with pytest.raises(CatalogError, match=r"belong to shards \[0, 2\], not opened here"):
+            writer.add(ids[200:], codes[200:], features[200:])
+        with pytest.raises(CatalogError, match="not opened here"):
+            writer.delete(ids[:10])
+        assert not reader.present(mine).any()
+        reader.refresh()
+        assert reader.present(mine).all()
+    with Catalog.open(tmp_path / "c") as everything:
+        assert len(everything) == 200 + len(mine)
+
+
 def test_ivf_default_nprobe_grows_with_the_pool(rng):
     """A pool of 1,000 in 100k clustered codes spans many lists: the default nprobe follows the pool, so the
     default search finds the exact top-1,000 (tie-aware) where a fixed 16 lists would not."""

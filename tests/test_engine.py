@@ -253,11 +253,11 @@ def test_build_index_with_a_code_maker_over_the_model_features(codes, image_fold
 
 def test_query_on_ray_answers_as_in_process(built, cli_env):
     """`engine.query --ray local` starts a private Ray instance, one actor per 2 shards, and prints what the
-    in-process search prints."""
+    in-process search prints, filters included."""
     pytest.importorskip("ray")
     with Searcher(built) as searcher:
         some = str(next(iter(searcher.catalog)).id)
-    args = ["--catalog", built, "--id", some, "-k", "8", "--pool", "60", "--json"]
+    args = ["--catalog", built, "--id", some, "-k", "8", "--pool", "60", "--label", "ring", "--label", "dots", "--json"]
     local = cli("engine.query", args, cli_env)
     remote = cli("engine.query", args + ["--ray", "local", "--shards-per-actor", "2"], cli_env)
     assert local.returncode == remote.returncode == 0, remote.stderr

@@ -14,7 +14,7 @@ import pytest
 from engine.build_index import build_index
 from engine.export import export_catalog
 from engine.synthetic import make_image_folder
-from shards import Catalog, CatalogError, Filter
+from shards import Catalog, CatalogError, DuplicateIdError, Filter
 
 ray = pytest.importorskip("ray")
 
@@ -94,6 +94,40 @@ def test_a_dead_actor_is_named_within_the_timeout(local_ray, catalogs):
         remote.close()
 
 
+def test_writes_go_to_the_owning_actors_and_show_after_refresh(local_ray, catalogs, tmp_path):
+    """Adds and deletes through RayCatalog land in the owning groups' shards, all of a batch or none; searches
+    see them after refresh, equal to a local catalog given the same writes."""
+    paths, ids, queries, query_features = catalogs
+    shutil.copytree(paths[4], tmp_path / "ray")
+    shutil.copytree(paths[4], tmp_path / "local")
+    new_ids, new_codes, new_features = random_items(np.random.default_rng(11), 60, 48)
+    metas = [{"path": f"/new/{i}.png", "label": "1"} for i in new_ids]
+    remote = RayCatalog(tmp_path / "ray", "local", 2, timeout=60)
+    try:
+        with pytest.raises(DuplicateIdError):  # the last group refuses: the groups before it are undone
+            remote.add(np.append(new_ids, ids[ids % 4 == 3][0]), np.vstack([new_codes, new_codes[:1]]),
+                       np.vstack([new_features, new_features[:1]]), metas + [metas[0]])
+        remote.add(new_ids, new_codes, new_features, metas)
+        assert len(remote) == 1200 and not remote.present(new_ids[:1])[0]  # not before refresh
+        remote.refresh()
+        assert len(remote) == 1260 and remote.present(new_ids).all()
+        assert remote.delete(np.append(new_ids[:7], ids[:3])) == 10 and len(remote) == 1260
+        remote.refresh()
+        with Catalog.open(tmp_path / "local", readonly=False) as local:
+            local.add(new_ids, new_codes, new_features, metas)
+            local.delete(np.append(new_ids[:7], ids[:3]))
+        with Catalog.open(tmp_path / "local") as local:
+            assert len(remote) == len(local) == 1250
+            both = np.concatenate([queries, new_codes[7:10]])
+            both_features = np.concatenate([query_features, new_features[7:10]])
+            assert same_hits(remote.search(both, both_features, k=8, pool=50),
+                             local.search(both, both_features, k=8, pool=50))
+    finally:
+        remote.close()
+    with Catalog.open(tmp_path / "ray") as written, Catalog.open(tmp_path / "local") as local:
+        assert sorted(i.id for i in written) == sorted(i.id for i in local)  # what the actors committed
+
+
 def exported(catalog, file) -> dict[str, np.ndarray]:
     """A catalog's items through engine.export, in id order."""
     export_catalog(catalog, file, progress=False)
@@ -149,3 +183,27 @@ def test_ray_build_killed_mid_way_resumes_with_every_image_once(local_ray, train
     with Catalog.open(catalog) as finished:
         paths = [item.meta["path"] for item in finished]
     assert sorted(paths) == sorted(map(str, files))
+
+
+def test_service_on_ray_writes_through_the_actors(local_ray, image_folder, trained_model, tmp_path):
+    """`engine.serve --ray`: an upload is committed by the owning group's actor and found by a filtered search
+    at once (the service refreshes after each write); a delete likewise."""
+    from fastapi.testclient import TestClient
+
+    from engine.serve import Service, create_app
+
+    build_index(image_folder, trained_model, tmp_path / "c", shards=3, progress=False, workers=0)
+    service = Service(tmp_path / "c", ray="local", shards_per_actor=2)
+    try:
+        client = TestClient(create_app(service))
+        before = client.get("/healthz").json()["items"]
+        photo = (image_folder / "ring").iterdir().__next__().read_bytes()
+        added = client.post("/items", files={"image": ("x.png", photo + b"\0", "image/png")}, data={"label": "new"})
+        assert added.status_code == 200, added.text
+        new = added.json()["id"]
+        found = client.get("/search", params={"id": new, "k": 3, "label": "new"}).json()["results"]
+        assert [r["id"] for r in found] == [new] and client.get("/healthz").json()["items"] == before + 1
+        assert client.delete(f"/items/{new}").status_code == 200
+        assert client.get("/healthz").json()["items"] == before and client.delete(f"/items/{new}").status_code == 404
+    finally:
+        service.close()

@@ -140,25 +140,28 @@ def test_encoding_pipelines_agree(image_folder, trained_model, tmp_path):
 
 
 def test_killed_build_finishes_on_rerun_without_duplicates(trained_model, tmp_path, cli_env):
-    images = tmp_path / "images"
-    files = make_image_folder(images, per_class=150, size=32, seed=5)
-    catalog = tmp_path / "c"
-    args = ["-m", "engine.build_index", images, "--model", trained_model, "--catalog", catalog, "--batch-size",
-            "32", "--workers", "0"]
-    process = subprocess.Popen([sys.executable, *map(str, args)], env=cli_env, stdout=subprocess.DEVNULL,
+    files = make_image_folder(tmp_path / "images", per_class=150, size=32, seed=5)
+    kill_mid_build_and_rerun(["-m", "engine.build_index", tmp_path / "images", "--model", trained_model, "--catalog",
+                              tmp_path / "c", "--batch-size", "32", "--workers", "0"], tmp_path / "c", files, cli_env)
+
+
+def kill_mid_build_and_rerun(args: list, catalog, files: list, env: dict, committed_bytes: int = 200_000) -> None:
+    """Run `python ARGS` (a build-index), SIGKILL it once its first shard file holds `committed_bytes`, run it
+    again: the rerun indexes the rest, and every file is in the catalog exactly once."""
+    process = subprocess.Popen([sys.executable, *map(str, args)], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         shard = catalog / "shard-0000" / "data.mdb"
-        if shard.exists() and shard.stat().st_size > 200_000:  # some batches are in
+        if shard.exists() and shard.stat().st_size > committed_bytes:  # some batches are in
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     with Catalog.open(catalog) as partial:
         done = len(partial)
     assert 0 < done < len(files), "the kill did not land mid-build"
-    result = subprocess.run([sys.executable, *map(str, args)], env=cli_env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"indexed {len(files) - done}, unchanged {done}" in result.stdout
     with Catalog.open(catalog) as finished:

@@ -2,9 +2,6 @@
 makes the catalog a local build makes (one local Ray instance for the whole module, 2 CPUs, shut down at the
 end)."""
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import h5py
@@ -20,6 +17,7 @@ ray = pytest.importorskip("ray")
 
 from shards.cluster import RayCatalog  # noqa: E402
 from test_catalog import FEATURE_DIM, random_items  # noqa: E402
+from test_engine import kill_mid_build_and_rerun  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -160,29 +158,9 @@ def test_ray_build_killed_mid_way_resumes_with_every_image_once(local_ray, train
     """A build-index driver joined to a running Ray instance (HOST:PORT), SIGKILLed mid-build: the rerun commits
     the rest, and every image is in the catalog exactly once."""
     files = make_image_folder(tmp_path / "images", per_class=150, size=32, seed=5)
-    catalog = tmp_path / "c"
-    args = ["-m", "engine.build_index", tmp_path / "images", "--model", trained_model, "--catalog", catalog,
-            "--batch-size", "8", "--workers", "1", "--ray", ray.get_runtime_context().gcs_address]
-    process = subprocess.Popen([sys.executable, *map(str, args)], env=cli_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        shard = catalog / "shard-0000" / "data.mdb"
-        if shard.exists() and shard.stat().st_size > 100_000:  # some batches are in
-            break
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    with Catalog.open(catalog) as partial:
-        done = len(partial)
-    assert 0 < done < len(files), "the kill did not land mid-build"
-    result = subprocess.run([sys.executable, *map(str, args)], env=cli_env, capture_output=True, text=True,
-                            timeout=180)
-    assert result.returncode == 0, result.stderr
-    assert f"indexed {len(files) - done}, unchanged {done}" in result.stdout
-    with Catalog.open(catalog) as finished:
-        paths = [item.meta["path"] for item in finished]
-    assert sorted(paths) == sorted(map(str, files))
+    kill_mid_build_and_rerun(["-m", "engine.build_index", tmp_path / "images", "--model", trained_model, "--catalog",
+                              tmp_path / "c", "--batch-size", "8", "--workers", "1", "--ray",
+                              ray.get_runtime_context().gcs_address], tmp_path / "c", files, cli_env, 100_000)
 
 
 def test_service_on_ray_writes_through_the_actors(local_ray, image_folder, trained_model, tmp_path):

@@ -15,32 +15,19 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 import common  # noqa: F401  (puts the project on sys.path)
 from common import machine
 from training.data import load_dataset
-from training.loop import evaluate
+from training.loop import evaluate, recompute_batchnorm_statistics
 from training.model import create_model
-
-
-@torch.no_grad()
-def recompute_statistics(model: nn.Module, images: torch.Tensor, batches: int, batch_size: int) -> None:
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # a cumulative average over the batches below
-    model.train()
-    for start in range(0, min(len(images), batches * batch_size), batch_size):
-        model(images[start:start + batch_size])
-    model.eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="the training run's --out (its train_config.json)")
     parser.add_argument("--checkpoints", type=Path, nargs="+", required=True)
-    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--batches", type=int, default=20, help="training batches the statistics are recomputed on")
     args = parser.parse_args()
     config = json.loads((args.run / "train_config.json").read_text())
     data = load_dataset(config["data"], config["format"], config["input_size"], config["val_split"], config["seed"])
@@ -56,7 +43,7 @@ def main() -> None:
             model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
             model.eval()
             row.append(evaluate(model, data.test, torch.device("cpu"), False))
-            recompute_statistics(model, images, args.batches, config["batch_size"])
+            recompute_batchnorm_statistics(model, images[:args.batches * config["batch_size"]], config["batch_size"])
             row.append(evaluate(model, data.test, torch.device("cpu"), False))
         print(f"| {file} | " + " | ".join(f"{a:.4f}" for a in row) + " |", flush=True)
 

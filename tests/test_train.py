@@ -16,7 +16,7 @@ from training.cnnh import cnnh_target_codes
 from training.config import CHECKPOINT, TrainConfig
 from training.data import load_dataset
 from training.errors import UserError
-from training.loop import evaluate
+from training.loop import evaluate, recompute_batchnorm_statistics
 from training.model import load_model
 from training.train import train
 
@@ -156,3 +156,19 @@ def test_cnnh_objectives_learn_the_stage_one_codes(objective, tmp_path, image_fo
     assert (np.unpackbits(train_codes, axis=1) == targets).mean() > 0.8  # bit agreement; chance is 0.5
     score, _ = retrieval_metrics(test_codes, data.test.labels.numpy(), train_codes, data.train.labels.numpy(), 20)
     assert score > 0.4  # ten classes: random codes score about 0.1
+
+
+def test_batchnorm_statistics_are_recomputed_as_exact_averages():
+    """Before an evaluation the running statistics are the plain average over the given images (not what
+    momentum 0.4 kept of the last batches); the layer's momentum is restored and the model left in eval mode."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.4))
+    model[1].running_mean.fill_(5.0)
+    images = torch.randn(96, 3, 6, 6) * torch.linspace(0.5, 3, 96).view(-1, 1, 1, 1)  # batches that differ
+    recompute_batchnorm_statistics(model, images, batch_size=32)
+    with torch.no_grad():
+        outputs = model[0](images)
+    batch_vars = torch.stack([outputs[i:i + 32].var(dim=(0, 2, 3)) for i in (0, 32, 64)])  # unbiased, per batch
+    torch.testing.assert_close(model[1].running_mean, outputs.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, batch_vars.mean(0), rtol=1e-5, atol=1e-6)
+    assert model[1].momentum == 0.4 and not model.training

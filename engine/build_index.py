@@ -113,6 +113,10 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         raise UserError(f"code bits must be in [1, {MAX_BITS}], got {code_bits}")
     if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"{model_dir} is not a latenthash model directory (no config.json)")
+    if ray is not None:  # first: Ray's processes start while this one loads torch and the model
+        from shards.cluster import connect
+
+        connect(ray)
     import torch
     from tqdm import tqdm
 

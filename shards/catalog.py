@@ -171,8 +171,7 @@ class Catalog:
         self._merged_from: list[CodeIndex] = []
         self._id_order: tuple[list[CodeIndex], np.ndarray] | None = None
         self._locator: tuple[np.ndarray, np.ndarray] | None = None
-        self._filters: FilterIndex | None = None
-        self._filtered: dict[Filter, CodeIndex] = {}
+        self._forget_filters()
         if not readonly:
             self._take_writer_lock()
         self.shards: list[Shard] = []
@@ -287,7 +286,8 @@ class Catalog:
 
     def refresh(self) -> None:
         """Readers: see everything committed since opening (or the last refresh)."""
-        self._locator, self._filters, self._filtered = None, None, {}
+        self._locator = None
+        self._forget_filters()
         with self._commit_lock(exclusive=False):
             for shard in self.shards:
                 shard.refresh()
@@ -387,6 +387,7 @@ class Catalog:
             if present:
                 raise DuplicateIdError(f"{shard.path}: ids already in the catalog: {present[:10]}")
         journal = self.path / JOURNAL
+        self._forget_filters()
         _write_atomic(journal, ids.tobytes())
         with self._commit_lock(exclusive=True):
             try:
@@ -426,6 +427,7 @@ class Catalog:
             raise CatalogError(f"{self.path}: opened read-only")
         ids = self._check_ids(ids)
         self._check_held(ids)
+        self._forget_filters()
         with self._commit_lock(exclusive=True):
             return sum(shard.delete(ids[rows]) for shard, rows in zip(self.shards, self._by_shard(ids)) if len(rows))
 
@@ -597,6 +599,11 @@ class Catalog:
         order = np.argsort(ids, kind="stable")  # id order: ties come out broken by id
         codes = np.ascontiguousarray(codes[order])
         return CodeIndex(ids[order], codes, index_type("flat"))
+
+    def _forget_filters(self) -> None:
+        """After a refresh or a write: the filter indices describe the items as they were."""
+        self._filters: FilterIndex | None = None
+        self._filtered: dict[Filter, CodeIndex] = {}
 
     def filtered(self, rule: Filter) -> CodeIndex:
         """`restrict` to the items that pass `rule` (kept for the 16 rules used last; `refresh` forgets them)."""

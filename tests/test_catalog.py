@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from shards import Catalog, CatalogError, DuplicateIdError, hamming_distances
+from shards import Catalog, CatalogError, DuplicateIdError, Filter, hamming_distances
 
 FEATURE_DIM = 8
 
@@ -123,6 +123,18 @@ def test_a_writer_on_some_shards_takes_only_their_items(tmp_path, rng):
         assert reader.present(mine).all()
     with Catalog.open(tmp_path / "c") as everything:
         assert len(everything) == 200 + len(mine)
+
+
+def test_a_writers_filtered_search_sees_its_own_writes(tmp_path, rng):
+    ids, codes, features = random_items(rng, 60, 64)
+    with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=2) as catalog:
+        catalog.add(ids[:50], codes[:50], features[:50], [{"label": "a"}] * 50)
+        rule = Filter.parse(["b"])
+        assert len(catalog.coarse(codes[:1], m=100, within=rule)[0]) == 0
+        catalog.add(ids[50:], codes[50:], features[50:], [{"label": "b"}] * 10)
+        assert sorted(catalog.coarse(codes[:1], m=100, within=rule)[0].ids) == sorted(ids[50:])
+        catalog.delete(ids[50:55])
+        assert sorted(catalog.coarse(codes[:1], m=100, within=rule)[0].ids) == sorted(ids[55:])
 
 
 def test_ivf_default_nprobe_grows_with_the_pool(rng):

@@ -159,8 +159,9 @@ def main() -> None:
         workers = default_workers(len(files)) if args.workers is None else args.workers
         on_ray = ""
         if args.ray:
-            steady, ray_steady = median(builds, "steady_images_per_second"), median(ray_builds, "steady_images_per_second")
-            on_ray = (f" {median(ray_builds):.0f} | {median(ray_builds) / built:.2f} | {steady:.0f}, {ray_steady:.0f} | "
+            steady = median(builds, "steady_images_per_second")
+            ray_built, ray_steady = median(ray_builds), median(ray_builds, "steady_images_per_second")
+            on_ray = (f" {ray_built:.0f} | {ray_built / built:.2f} | {steady:.0f}, {ray_steady:.0f} | "
                       f"{ray_steady / steady:.2f} |")
         print(f"| {directory.name} | {len(files)} | {workers} | {first:.0f} | {built:.0f} | {baseline:.0f} | "
               f"{built / baseline:.2f} |{on_ray}", flush=True)

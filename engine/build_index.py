@@ -177,7 +177,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
             summary.pruned = _prune(catalog, root, set(ids.tolist()))
         todo_files = [files[p] for p in todo]
         bar = tqdm(total=len(todo_files), desc="indexing", unit="img", disable=not progress)
-        encode_start = time.perf_counter()
+        encode_start, first_batch = time.perf_counter(), 0  # first_batch: the files in the first batch back
         with torch.inference_mode():
             for batch in _encoded(encoder, todo_files, batch_size, workers, ray):
                 positions = [todo[p] for p in batch.positions]
@@ -185,7 +185,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
                          for p in positions]
                 if positions:
                     catalog.add(ids[positions], batch.codes, batch.features, metas)
-                if not summary.first_batch_seconds:
+                if not first_batch:
                     summary.first_batch_seconds = time.perf_counter() - encode_start
                     first_batch = len(batch.positions) + len(batch.failures)
                 summary.indexed += len(positions)

@@ -1,5 +1,5 @@
-"""Encoding on a Ray cluster: Ray Data hands batches of the file list to a pool of actors that decode and encode
-them that each receive the encoder once; the driver commits what comes back exactly as a local build does.
+"""Encoding on a Ray cluster: Ray Data hands batches of the file list to a pool of actors, each of which receives
+the encoder once and decodes and encodes its batches; the driver commits what comes back as a local build does.
 
 The actors read the image files themselves, so the files must be at the same path on every node (a shared
 filesystem); the encoder travels through Ray's object store, so the model directory need only be on the driver.

@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, help="coarse candidates by Hamming distance (default 100*k)")
     parser.add_argument("--radius", type=int, help="coarse pool = every code within this Hamming distance")
     parser.add_argument("--nprobe", type=int, help="ivf catalogs: inverted lists each shard visits (more: higher "
-                        "recall, slower; default: 1/64 of them, at least 16, more for a pool that spans many lists; all of them: exact)")
+                        "recall, slower; default: 1/64 of them, at least 16, more for a pool that spans many lists; "
+                        "all of them: exact)")
     parser.add_argument("--no-rerank", dest="rerank", action="store_false", help="rank by Hamming distance only")
     parser.add_argument("--label", action="append", default=[],
                         help="only items with this label (repeatable: any of them); exact, not a post-filter")

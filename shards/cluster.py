@@ -51,14 +51,16 @@ class ShardGroup:
     def present(self, ids: np.ndarray) -> np.ndarray:
         return self.catalog.present(ids)
 
+    def _writer(self) -> Catalog:
+        """A writer on this group's shards alone, for one batch; searches see its commit after `refresh`."""
+        return Catalog.open(self.path, readonly=False, threads=1, shards=self.shards)
+
     def add(self, ids: np.ndarray, codes: np.ndarray, features: np.ndarray, metas: list[dict] | None) -> None:
-        """Commit to this group's shards (a writer on them alone, for this batch); searches see it after
-        `refresh`."""
-        with Catalog.open(self.path, readonly=False, threads=1, shards=self.shards) as writer:
+        with self._writer() as writer:
             writer.add(ids, codes, features, metas)
 
     def delete(self, ids: np.ndarray) -> int:
-        with Catalog.open(self.path, readonly=False, threads=1, shards=self.shards) as writer:
+        with self._writer() as writer:
             return writer.delete(ids)
 
     def refresh(self) -> int:
@@ -219,8 +221,7 @@ class RayCatalog:
 
     def present(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """A mask of the ids the actors' snapshots hold."""
-        found = self._by_owner("present", ids)
-        return np.array(found, bool)
+        return np.array(self._by_owner("present", ids), bool)
 
     def add(self, ids: Sequence[int] | np.ndarray, codes: np.ndarray, features: np.ndarray,
             metas: Sequence[dict] | None = None) -> None:
@@ -229,15 +230,14 @@ class RayCatalog:
         are deleted again: all of the batch or none. Searches see it after `refresh`."""
         ids = np.asarray(ids, np.int64)
         codes, features = np.asarray(codes), np.asarray(features)
-        done: list[int] = []
+        split, done = self._split(ids), []
         self.missing_shards = []
         try:
-            for n, rows in self._split(ids).items():
+            for n, rows in split.items():
                 part = [metas[r] for r in rows] if metas is not None else None
                 self._call("add", [(n, (ids[rows], codes[rows], features[rows], part))])
                 done.append(n)
         except BaseException:
-            split = self._split(ids)
             if done:
                 self._call("delete", [(n, (ids[split[n]],)) for n in done])
             raise

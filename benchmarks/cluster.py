@@ -61,6 +61,7 @@ def main() -> None:
                                       local.search(codes[q:q + 1], features[q:q + 1], k=10, pool=args.pool)[0].ids)
                        for n in setups)
     remote = next(c for c in setups.values() if isinstance(c, RayCatalog))
+    again = sum(c.reranked_again for c in setups.values() if isinstance(c, RayCatalog))
     trips = []
     for _ in range(200):
         begin = time.perf_counter()
@@ -75,6 +76,7 @@ def main() -> None:
         print(f"| {name} | {p50:.2f} | {p90:.2f} | {p50 / base:.2f} | {'met' if p50 <= 2 * base + 2 else 'not met'} |")
     print(f"\nactor round trip (count()): p50 {statistics.median(trips) * 1000:.2f} ms, "
           f"p99 {float(np.percentile(trips, 99)) * 1000:.2f} ms")
+    print(f"queries whose fine stage ran a second round trip: {again} of {2 * (args.queries + 7)}")
 
 
 if __name__ == "__main__":

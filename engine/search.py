@@ -37,6 +37,7 @@ class Timings:
     encode: float = 0.0
     coarse: float = 0.0
     rerank: float = 0.0
+    remote: float = 0.0  # both stages on Ray actors, in one round trip, when the shards are remote
 
 
 class Searcher:
@@ -125,6 +126,10 @@ class Searcher:
             pool = 100 * k
         timings = timings if timings is not None else self.timings
         start = time.perf_counter()
+        if rerank and features is not None and self.catalog.remote:
+            hits = self.catalog.search(codes, features, k, pool, radius, nprobe, filter or None)
+            timings.remote += time.perf_counter() - start
+            return [self._results(h) for h in hits]
         candidates = self.catalog.coarse(codes, m=pool, radius=radius, within=filter or None, nprobe=nprobe)
         coarse_done = time.perf_counter()
         if rerank and features is not None:

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Iterator
 
@@ -104,9 +105,9 @@ class Service:
                 self.writer.close()
 
     def observe(self, timings) -> None:
-        for stage in ("decode", "encode", "coarse", "rerank"):
-            if getattr(timings, stage):
-                self.stages.labels(stage).observe(getattr(timings, stage))
+        for stage in fields(timings):
+            if getattr(timings, stage.name):
+                self.stages.labels(stage.name).observe(getattr(timings, stage.name))
 
     def refresh(self) -> None:
         """Make a committed write visible to searches (callers hold the write lock)."""

@@ -13,7 +13,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import faiss
 import msgpack
@@ -160,6 +160,8 @@ def _per_query(tasks: list, parts: list, n_queries: int) -> list[list]:
 
 
 class Catalog:
+    remote = False  # its shards are searched in this process: the two stages can be timed apart
+
     def __init__(self, path: Path, manifest: Manifest, readonly: bool, threads: int | None = None,
                  shards: Sequence[int] | None = None, writer_may_join: bool = False):
         self.path = path
@@ -662,9 +664,11 @@ class Catalog:
             h.distances = np.sqrt(h.distances)
         return hits
 
-    def rerank_squared(self, query_features: np.ndarray, candidates: list[Hits], k: int) -> list[Hits]:
+    def rerank_squared(self, query_features: np.ndarray, candidates: list[Hits], k: int,
+                       choose: Callable[[np.ndarray, np.ndarray, int], np.ndarray] = nearest) -> list[Hits]:
         """`rerank` with squared distances: what shard groups return, so that merging their answers orders by
-        the same numbers a single catalog does."""
+        the same numbers a single catalog does. `choose(ids, squared, k)`: the positions of each pool to
+        return, in order (the k nearest, or `shards.ranking.prefix_nearest` for a group's share)."""
         query_features = self._check_features(query_features, len(candidates)).astype(np.float32)
         results = []
         for query, hits in zip(query_features, candidates):
@@ -673,7 +677,7 @@ class Catalog:
                 continue
             rows = self._feature_rows(hits.ids, hits.positions)
             squared = self._squared_distances(query, rows)
-            order = nearest(hits.ids, squared, k)
+            order = choose(hits.ids, squared, k)
             if not np.isfinite(squared).all():
                 self._check_rows(hits.ids, rows)  # names the damaged item
             self._check_rows(hits.ids[order], rows[order])  # what is returned is checked: ~1 us per result

@@ -24,6 +24,12 @@ class Hits:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def take(self, rows: np.ndarray | slice) -> "Hits":
+        """The hits at these rows (indices, a mask or a slice), with whatever they carry."""
+        def part(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[rows]
+        return Hits(self.ids[rows], self.hamming[rows], part(self.distances), part(self.positions))
+
 
 def merge_hits(per_query: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], limit: int | None) -> list[Hits]:
     """Exact merge: per query, the (hamming, ids) parts that shards returned, ordered by (distance, id) and cut
@@ -40,3 +46,21 @@ def merge_hits(per_query: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], lim
 def nearest(ids: np.ndarray, squared: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k nearest of a pool by squared Euclidean distance, ties by id."""
     return np.lexsort((ids, squared))[:k]
+
+
+def prefix_nearest(ids: np.ndarray, squared: np.ndarray, k: int) -> np.ndarray:
+    """Positions (ascending) that hold the k nearest of every prefix of a coarse-ordered pool: when only a
+    prefix of a shard group's pool makes the merged pool, its k nearest are among these, whatever its length.
+
+    A superset, found on a doubling schedule: an item past position c can only be among the k nearest of a
+    prefix if it is no farther than the k-th nearest of the first c (that distance only falls as the prefix
+    grows). About k * (1 + log2(n / k)) positions of n, against n for ranking the whole pool."""
+    keep = np.zeros(len(squared), bool)
+    keep[:k] = True
+    seen = k
+    while seen < len(squared):
+        kth = np.partition(squared[:seen], k - 1)[k - 1]
+        end = min(2 * seen, len(squared))
+        keep[seen:end] = squared[seen:end] <= kth
+        seen = end
+    return np.flatnonzero(keep)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from shards import Catalog, CatalogError, DuplicateIdError, Filter, hamming_distances
+from shards.ranking import nearest, prefix_nearest
 
 FEATURE_DIM = 8
 
@@ -411,3 +412,18 @@ def test_reopened_catalog_still_breaks_ties_by_id(tmp_path, rng, shards):
         for q in codes[:8]:
             hits = reopened.coarse(q[None], m=700)[0]
             assert np.array_equal(hits.ids, brute_force_knn(q, ids, codes, 700)[0])
+
+
+def test_prefix_nearest_holds_the_nearest_of_every_prefix(rng):
+    """A shard group ranks only these places of its pool (`RayCatalog.search`): whatever prefix of the pool makes
+    the merged pool, its k nearest must be among them, ties by id included; and they must be few."""
+    for n, k in ((1, 1), (7, 10), (300, 1), (550, 10), (1000, 25)):
+        ids = rng.permutation(10 * n)[:n].astype(np.int64)
+        squared = rng.integers(0, 40, n).astype(np.float32)  # many ties
+        kept = prefix_nearest(ids, squared, k)
+        assert np.array_equal(kept, np.unique(kept))
+        for prefix in range(1, n + 1):
+            best = nearest(ids[:prefix], squared[:prefix], k)
+            assert np.isin(best, kept).all()
+        ties_free = rng.permutation(n).astype(np.float32)
+        assert len(prefix_nearest(ids, ties_free, k)) <= min(n, k * (2 + 2 * np.log2(max(n / k, 1))))

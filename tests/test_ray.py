@@ -61,6 +61,8 @@ def test_distributed_search_equals_local(local_ray, catalogs, shards, per_actor)
                                  local.search(queries, query_features, k=k, pool=pool))
             for radius in (0, 6, 12):
                 assert same_hits(remote.coarse(queries, radius=radius), local.coarse(queries, radius=radius))
+                assert same_hits(remote.search(queries, query_features, k=5, radius=radius),
+                                 local.search(queries, query_features, k=5, radius=radius))
             for rule in (Filter.parse(["1"]), Filter.parse(["0", "2"], ["brand:other"]), Filter.parse(["9"])):
                 assert same_hits(remote.search(queries, query_features, k=5, pool=40, within=rule),
                                  local.search(queries, query_features, k=5, pool=40, within=rule))
@@ -69,6 +71,11 @@ def test_distributed_search_equals_local(local_ray, catalogs, shards, per_actor)
             some = ids[[5, 17, 900]].tolist() + [123]
             assert [i and i.id for i in remote.get(some)] == [i and i.id for i in local.get(some)]
             assert remote.metadata(some) == local.metadata(some)
+            before = remote.reranked_again
+            remote._eager = lambda n, m: None if m is None else 1  # each pool takes more: the fine stage again
+            assert same_hits(remote.search(queries, query_features, k=10, pool=300),
+                             local.search(queries, query_features, k=10, pool=300))
+            assert remote.reranked_again == before + len(queries)
         finally:
             remote.close()
 

@@ -105,6 +105,8 @@ def test_default_recipe_loss_falls_every_epoch(tmp_path):
                                 val_split=0.2))
     losses = [epoch["train_loss"] for epoch in summary["history"]]
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
+    saturated = [epoch["latent_saturated"] for epoch in summary["history"]]
+    assert max(saturated) < 0.05, saturated  # the sigmoid latent layer keeps learning
 
 
 def _run(args, env):

@@ -113,6 +113,7 @@ def hashing_loss(objective: str, latent: torch.Tensor, logits: torch.Tensor, lab
     return loss
 
 
+SATURATED = 6.0  # |latent pre-activation| past which the sigmoid's slope is under 1% of its peak
 BN_STATISTICS_IMAGES = 5000  # training images BatchNorm's statistics are recomputed on before each evaluation
 
 
@@ -256,7 +257,7 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         generator.manual_seed(config.seed * 1000 + epoch)  # per-epoch seed: a resumed run sees the same batches
         order = torch.randperm(len(dataset.train), generator=generator, device=device)
         order = order[rank * config.batch_size * steps_per_epoch:][:config.batch_size * steps_per_epoch]
-        epoch_start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        epoch_start, seen, loss_sum, correct, saturated = time.perf_counter(), 0, 0.0, 0, 0.0
         set_train_mode(model, config.freeze_backbone)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0, leave=False)
         for batch_index in bar:
@@ -280,6 +281,7 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
                 _lookahead_update(model, lookahead, 0.95 ** 5 * (step / total_steps) ** 3)
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
+            saturated += (latent.detach().abs() > SATURATED).float().mean().item() * len(labels)
             if classes_trained:
                 correct += (logits.argmax(1) == labels).sum().item()
             else:  # the fraction of target bits hit
@@ -296,10 +298,14 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         has_validation = dataset.test is not None and classes_trained
         val_acc = evaluate(model, dataset.test, device, bf16) if has_validation else None
         record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(1, seen),
-                      train_acc=correct / max(1, seen), val_acc=val_acc, epoch_seconds=round(train_seconds, 2),
+                      train_acc=correct / max(1, seen), val_acc=val_acc, latent_saturated=saturated / max(1, seen),
+                      epoch_seconds=round(train_seconds, 2),
                       images_per_second=round(seen * world_size / train_seconds, 1),
                       elapsed_seconds=round(time.perf_counter() - started, 2))
         history.append(record)
+        if record["latent_saturated"] > 0.25:
+            tqdm.write(f"warning: {record['latent_saturated']:.0%} of the latent layer's outputs are saturated (the "
+                       "sigmoid's slope below 1% of its peak): the codes have stopped learning; lower --lr")
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         val_text = f"val acc {val_acc:.4f}" if val_acc is not None else \

@@ -23,7 +23,7 @@ from shards.codes import MAX_BITS, MAX_FEATURE_DIM, pad_codes
 from shards.errors import CatalogError, DamagedError, DuplicateIdError, WriterBusyError
 from shards.filters import Filter, FilterIndex
 from shards.index import CodeIndex, find_sorted, index_type
-from shards.ranking import Hits, merge_hits, nearest
+from shards.ranking import Hits, merge_hits, nearest, pool_size
 from shards.shard import BLOCK_BYTES, FEATURE_DTYPES, Shard, ShardLayout, gather_rows, row_checksums
 
 MANIFEST = "manifest.json"
@@ -705,10 +705,7 @@ class Catalog:
         """Two-stage search for a batch of queries: a Hamming pool (`pool` nearest codes, default 100*k, or
         every code within `radius`), re-ranked by Euclidean distance; Hamming order alone without features.
         `nprobe`, `within`: see `coarse`."""
-        if k < 1:
-            raise CatalogError(f"k must be >= 1, got {k}")
-        if pool is None and radius is None:
-            pool = 100 * k
+        pool = pool_size(k, pool, radius)
         candidates = self.coarse(query_codes, m=pool, radius=radius, within=within, nprobe=nprobe)
         if query_features is None:
             return [Hits(h.ids[:k], h.hamming[:k]) for h in candidates]

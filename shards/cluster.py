@@ -19,7 +19,7 @@ import numpy as np
 from shards.catalog import Catalog, Item, Manifest
 from shards.errors import CatalogError
 from shards.filters import Filter
-from shards.ranking import Hits, merge_hits, nearest, prefix_nearest
+from shards.ranking import Hits, merge_hits, nearest, pool_size, prefix_nearest
 
 TIMEOUT_S = 30.0
 START_TIMEOUT_S = 120.0  # a fresh actor imports numpy and Faiss and opens its shards: slow on a busy node
@@ -178,9 +178,13 @@ class RayCatalog:
     def _everyone(self, method: str, *args) -> dict[int, object]:
         return self._call(method, [(n, args) for n in range(len(self.actors))])
 
+    def _owners(self, ids: np.ndarray) -> np.ndarray:
+        """The actor that holds each id."""
+        return self._owner[ids % self.manifest.shard_count]
+
     def _split(self, ids: np.ndarray) -> dict[int, np.ndarray]:
         """Positions in `ids` per owning actor."""
-        owners = self._owner[ids % self.manifest.shard_count]
+        owners = self._owners(ids)
         return {int(n): np.flatnonzero(owners == n) for n in np.unique(owners)}
 
     def _start_query(self, within: Filter | None) -> None:
@@ -194,7 +198,7 @@ class RayCatalog:
         each group applies to its own shards' metadata."""
         self._start_query(within)
         answers = self._everyone("coarse", query_codes, m, radius, within, nprobe)
-        return merge_hits(_per_query([[(h.hamming, h.ids) for h in hits] for hits in answers.values()],
+        return merge_hits(_by_query([[(h.hamming, h.ids) for h in hits] for hits in answers.values()],
                                      len(query_codes)), m)
 
     def rerank(self, query_features: np.ndarray, candidates: list[Hits], k: int) -> list[Hits]:
@@ -226,10 +230,7 @@ class RayCatalog:
         """`Catalog.search` in one round trip to each actor (`ShardGroup.search`): each answers with its coarse
         pool and the distances of the few items of its likely share that can rank; the pools merge exactly and
         the k nearest are taken among the merged pool's items. Results equal the in-process catalog's."""
-        if k < 1:
-            raise CatalogError(f"k must be >= 1, got {k}")
-        if pool is None and radius is None:
-            pool = 100 * k
+        pool = pool_size(k, pool, radius)
         if query_features is None:
             return [Hits(h.ids[:k], h.hamming[:k]) for h in self.coarse(query_codes, pool, radius, within, nprobe)]
         self._start_query(within)
@@ -237,10 +238,10 @@ class RayCatalog:
         eager = {n: self._eager(n, pool) for n in range(len(self.actors))}
         answers = self._call("search", [(n, (query_codes, query_features, pool, radius, within, nprobe, k, eager[n]))
                                         for n in eager])
-        pools = merge_hits(_per_query([parts for parts, _ in answers.values()], len(query_codes)), pool)
+        pools = merge_hits(_by_query([parts for parts, _ in answers.values()], len(query_codes)), pool)
         results: list[Hits | None] = []
         for q, merged in enumerate(pools):
-            taken = np.bincount(self._owner[merged.ids % self.manifest.shard_count], minlength=len(self.actors))
+            taken = np.bincount(self._owners(merged.ids), minlength=len(self.actors))
             if any(e is not None and taken[n] > e for n, e in eager.items()):
                 results.append(None)  # the fine stage again, below
                 continue
@@ -314,7 +315,7 @@ class RayCatalog:
         self.actors = []
 
 
-def _per_query(answers: list[list], n_queries: int) -> list[list]:
+def _by_query(answers: list[list], n_queries: int) -> list[list]:
     """Each actor's per-query answers regrouped as each query's list of answers."""
     return [list(parts) for parts in zip(*answers)] if answers else [[] for _ in range(n_queries)]
 

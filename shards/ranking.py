@@ -9,6 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
+from shards.errors import CatalogError
+
 
 @dataclass
 class Hits:
@@ -64,3 +66,10 @@ def prefix_nearest(ids: np.ndarray, squared: np.ndarray, k: int) -> np.ndarray:
         keep[seen:end] = squared[seen:end] <= kth
         seen = end
     return np.flatnonzero(keep)
+
+
+def pool_size(k: int, pool: int | None, radius: int | None) -> int | None:
+    """The coarse pool a search for k results asks for: `pool`, or 100 * k when neither it nor a radius is given."""
+    if k < 1:
+        raise CatalogError(f"k must be >= 1, got {k}")
+    return 100 * k if pool is None and radius is None else pool

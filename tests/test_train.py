@@ -16,7 +16,7 @@ from training.cnnh import cnnh_target_codes
 from training.config import CHECKPOINT, TrainConfig
 from training.data import load_dataset
 from training.errors import UserError
-from training.loop import evaluate, recompute_batchnorm_statistics
+from training.loop import evaluate, recompute_batchnorm_statistics, use_bf16
 from training.model import load_model
 from training.train import train
 
@@ -107,6 +107,13 @@ def test_default_recipe_loss_falls_every_epoch(tmp_path):
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
     saturated = [epoch["latent_saturated"] for epoch in summary["history"]]
     assert max(saturated) < 0.05, saturated  # the sigmoid latent layer keeps learning
+
+
+def test_bf16_is_chosen_by_itself_only_on_a_gpu():
+    """bf16 autocast was never shown to reach fp32's accuracy on a CPU (issue 16), so a CPU gets it only if asked."""
+    assert not use_bf16("auto", torch.device("cpu"))
+    assert use_bf16("auto", torch.device("cuda"))
+    assert use_bf16("on", torch.device("cpu")) and not use_bf16("off", torch.device("cuda"))
 
 
 def _run(args, env):

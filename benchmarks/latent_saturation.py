@@ -65,7 +65,7 @@ def main() -> None:
 
         def latent_hook(module, inputs, output):
             pre = output.detach().float()
-            seen.update(saturated=(pre.abs() > loop.SATURATED).float().mean().item(), pre=pre.abs().mean().item(),
+            seen.update(saturated=loop.saturated_share(pre), pre=pre.abs().mean().item(),
                         features=inputs[0].detach().float().norm(dim=1).mean().item())
         model.latent.register_forward_hook(latent_hook)
         seen["model"] = model

@@ -111,6 +111,13 @@ def hashing_loss(objective: str, latent: torch.Tensor, logits: torch.Tensor, lab
 
 
 SATURATED = 6.0  # |latent pre-activation| past which the sigmoid's slope is under 1% of its peak
+
+
+def saturated_share(pre_activation: torch.Tensor) -> float:
+    """The share of latent units whose sigmoid passes almost no gradient: the sign the codes stopped learning."""
+    return (pre_activation.detach().abs() > SATURATED).float().mean().item()
+
+
 BN_STATISTICS_IMAGES = 5000  # training images BatchNorm's statistics are recomputed on before each evaluation
 
 
@@ -278,7 +285,7 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
                 _lookahead_update(model, lookahead, 0.95 ** 5 * (step / total_steps) ** 3)
             seen += len(labels)
             loss_sum += loss.item() * len(labels)
-            saturated += (latent.detach().abs() > SATURATED).float().mean().item() * len(labels)
+            saturated += saturated_share(latent) * len(labels)
             if classes_trained:
                 correct += (logits.argmax(1) == labels).sum().item()
             else:  # the fraction of target bits hit

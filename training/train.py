@@ -30,7 +30,8 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {config.input_size}")
     if config.bits > MAX_BITS:
         raise UserError(f"--bits must be at most {MAX_BITS}, got {config.bits}")
-    for name, value in (("epochs", config.epochs), ("lr", config.lr)):
+    for name, value in (("epochs", config.epochs), ("lr", config.lr),
+                        ("norm-bias-lr-scale", config.norm_bias_lr_scale)):
         if not math.isfinite(value) or value <= 0:
             raise UserError(f"--{name} must be a positive number, got {value}")
     if not 0 <= config.val_split < 1:
@@ -97,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
     parser.add_argument("--lr", type=float, default=defaults.lr,
                         help="peak learning rate at batch 1024, scaled with --batch-size (default %(default)s)")
+    parser.add_argument("--norm-bias-lr-scale", type=float, default=defaults.norm_bias_lr_scale,
+                        help="normalisation layers' biases learn this many times faster than --lr (airbench; "
+                        "default %(default)s)")
     parser.add_argument("--momentum", type=float, default=defaults.momentum, help="(default %(default)s)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,

@@ -164,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variant", type=parse_variant, action="append",
                         help="NAME=FLAGS added to the recipe (repeatable; default: the recipe alone, 'default')")
-    parser.add_argument("--recipe", default=RECIPE, help="training.train flags of every run (default: %(default)s)")
+    parser.add_argument("--recipe", default=RECIPE, help="training.train flags of every run, as one argument: "
+                        "--recipe='--bits 12 ...' (default: %(default)s)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
     parser.add_argument("--deadline", type=float, help="seconds: start no run that cannot end by then")
     parser.add_argument("--report", action="store_true", help="only print the table of the runs in --out")
     args = parser.parse_args(argv)
+    if args.report and not args.out.is_dir():
+        parser.error(f"--report: {args.out} does not exist")
     if not args.report:
         if not args.data:
             parser.error("--data is required (unless --report)")

@@ -115,6 +115,16 @@ def schedule(args: argparse.Namespace, variants: dict[str, list[str]]) -> None:
         print(f"not started (deadline): {', '.join(f'{n} seed {s}' for n, s in jobs)}", flush=True)
 
 
+def number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def spread(values: list[float | None]) -> str:
+    """'mean (min-max)' of the values a run recorded ('-' where none did: --no-tta, say)."""
+    values = [v for v in values if v is not None]
+    return f"{statistics.mean(values):.4f} ({min(values):.4f}-{max(values):.4f})" if values else "-"
+
+
 def report(out: Path) -> str:
     """A row per finished run, then mean and range per variant; also OUT/seed_spread.json."""
     rows = []
@@ -129,17 +139,15 @@ def report(out: Path) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         falls = "yes" if not r["loss_rise"] else f"no: epoch {r['loss_rise']}"
-        lines.append(f"| {r['variant']} | {r['seed']} | {falls} | {r['val_acc']:.4f} ({r['val_acc_tta']:.4f}) | "
+        lines.append(f"| {r['variant']} | {r['seed']} | {falls} | {number(r['val_acc'])} ({number(r['val_acc_tta'])}) | "
                      f"{r['map']:.4f} ({r['two_stage_map']:.4f}) | {r['train_seconds']:.0f} |")
     lines += ["", "| variant | runs | loss falls every epoch | mAP@1000 mean (range) | val acc TTA mean (range) |",
               "|---|---|---|---|---|"]
     for variant in sorted({r["variant"] for r in rows}):
         group = [r for r in rows if r["variant"] == variant]
-        maps, accs = [r["map"] for r in group], [r["val_acc_tta"] for r in group]
         monotone = sum(not r["loss_rise"] for r in group)
-        lines.append(f"| {variant} | {len(group)} | {monotone} of {len(group)} | {statistics.mean(maps):.4f} "
-                     f"({min(maps):.4f}-{max(maps):.4f}) | {statistics.mean(accs):.4f} "
-                     f"({min(accs):.4f}-{max(accs):.4f}) |")
+        lines.append(f"| {variant} | {len(group)} | {monotone} of {len(group)} | "
+                     f"{spread([r['map'] for r in group])} | {spread([r['val_acc_tta'] for r in group])} |")
     text = "\n".join(lines) + "\n"
     (out / "seed_spread.md").write_text(text)
     return text

@@ -37,3 +37,15 @@ def test_report_summarises_each_variant(tmp_path):
     assert "| low | 1 | 1 of 1 | 0.9275 (0.9275-0.9275) |" in text
     rows = json.loads((tmp_path / "seed_spread.json").read_text())
     assert [(r["variant"], r["seed"]) for r in rows] == [("base", 1), ("base", 2), ("low", 1)]
+
+
+def test_report_without_tta(tmp_path):
+    """A recipe with --no-tta records no TTA accuracy: the table says '-' instead of failing."""
+    run = tmp_path / "notta" / "seed1"
+    run.mkdir(parents=True)
+    (run / "score.json").write_text(json.dumps(dict(
+        losses=FALLING, loss_rise="", val_acc=0.92, val_acc_tta=None, map=0.925, two_stage_map=0.927,
+        train_seconds=10.0, encode_seconds=1.0, device="test")))
+    text = report(tmp_path)
+    assert "| notta | 1 | yes | 0.9200 (-) | 0.9250 (0.9270) | 10 |" in text
+    assert "| notta | 1 | 1 of 1 | 0.9250 (0.9250-0.9250) | - |" in text

@@ -43,12 +43,12 @@ def first_rise(losses: list[float]) -> str:
 
 
 def run_one(run_dir: Path, data: str, train_flags: list[str]) -> int:
-    """Train (the real command line), then encode and score; writes RUN/score.json and RUN/codes.npz."""
+    """Train (the real command line), then encode and score as paper_table.py does; writes RUN/score.json and
+    RUN/codes.npz."""
     import numpy as np
     import torch
 
-    from engine.metrics import retrieval_metrics, two_stage_metrics
-    from paper_table import encode_all
+    from paper_table import encode_all, score
     from training.data import load_dataset
     from training.model import load_model
     from training.train import main as train_main
@@ -65,17 +65,15 @@ def run_one(run_dir: Path, data: str, train_flags: list[str]) -> int:
     (query_codes, query_features), (db_codes, db_features) = (encode_all(model, dataset.test.images),
                                                               encode_all(model, dataset.train.images))
     encode_seconds = time.perf_counter() - start
-    query_labels, db_labels = dataset.test.labels.numpy(), dataset.train.labels.numpy()
-    hamming_map, _ = retrieval_metrics(query_codes, query_labels, db_codes, db_labels, TOP_K)
-    two_stage_map, _ = two_stage_metrics(query_codes, query_labels, query_features, db_codes, db_labels,
-                                         db_features, pool=TOP_K, top_k=TOP_K)
+    features = "backbone, mirror-averaged" if model.config.mirror_average else "backbone"
+    row = score(argparse.Namespace(top_k=TOP_K), (dataset.test.labels.numpy(), dataset.train.labels.numpy()),
+                "latent", features, model.config.bits, (query_codes, db_codes), (query_features, db_features))
     np.savez(run_dir / "codes.npz", test=query_codes, train=db_codes)
-    score = dict(losses=losses, loss_rise=first_rise(losses), val_acc=summary.get("val_acc"),
-                 val_acc_tta=summary.get("val_acc_tta"), map=hamming_map, two_stage_map=two_stage_map,
-                 train_seconds=summary["seconds"], encode_seconds=round(encode_seconds, 1),
-                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else machine())
-    (run_dir / "score.json").write_text(json.dumps(score, indent=2) + "\n")
-    print(f"{run_dir.name}: mAP@{TOP_K} {hamming_map:.4f} (two-stage {two_stage_map:.4f})", flush=True)
+    result = dict(losses=losses, loss_rise=first_rise(losses), val_acc=summary.get("val_acc"),
+                  val_acc_tta=summary.get("val_acc_tta"), map=row["map"], two_stage_map=row["two_stage_map"],
+                  train_seconds=summary["seconds"], encode_seconds=round(encode_seconds, 1),
+                  device=torch.cuda.get_device_name() if torch.cuda.is_available() else machine())
+    (run_dir / "score.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -40,4 +40,6 @@ def machine() -> str:
     import os
     flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+    simd += "".join(f", {name}" for flag, name in (("avx512_bf16", "BF16"), ("amx_bf16", "AMX"))
+                    if flag in flags.split())
     return f"{os.cpu_count()} x {cpu} ({simd})"

@@ -109,9 +109,12 @@ def test_default_recipe_loss_falls_every_epoch(tmp_path):
     assert max(saturated) < 0.05, saturated  # the sigmoid latent layer keeps learning
 
 
-def test_bf16_is_chosen_by_itself_only_on_a_gpu():
-    """bf16 autocast was never shown to reach fp32's accuracy on a CPU (issue 16), so a CPU gets it only if asked."""
-    assert not use_bf16("auto", torch.device("cpu"))
+@pytest.mark.parametrize("capabilities, expected", [({}, False), ({"avx2": True}, False),
+                                                    ({"avx512_bf16": True}, True), ({"amx_bf16": True}, True)])
+def test_bf16_is_chosen_by_itself_on_gpus_and_on_cpus_with_native_bf16(monkeypatch, capabilities, expected):
+    """On an AVX2-only CPU bf16 is emulated and many times slower, so the safe fp32 path stays there (issue 16)."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert use_bf16("auto", torch.device("cpu")) is expected
     assert use_bf16("auto", torch.device("cuda"))
     assert use_bf16("on", torch.device("cpu")) and not use_bf16("off", torch.device("cuda"))
 

@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="skip the final flip/shift TTA score")
     parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--amp", default=defaults.amp, choices=("auto", "on", "off"),
-                        help="bf16 autocast; auto = on GPUs only (on AVX-512 CPUs it is ~3x faster: try --amp on)")
+                        help="bf16 autocast; auto = on GPUs and on CPUs with native bf16 (AVX512-BF16, AMX), off "
+                             "elsewhere (emulated bf16 is many times slower)")
     parser.add_argument("--pretrained", action="store_true", help="start from timm's hub weights (needs internet)")
     parser.add_argument("--weights", help="local .safetensors/.pth file to load into the backbone, or a latenthash "
                         "model directory (its backbone)")

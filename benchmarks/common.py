@@ -38,8 +38,7 @@ def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown CPU")
     import os
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    flags = set(next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split())
     simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
-    simd += "".join(f", {name}" for flag, name in (("avx512_bf16", "BF16"), ("amx_bf16", "AMX"))
-                    if flag in flags.split())
+    simd += "".join(f", {name}" for flag, name in (("avx512_bf16", "BF16"), ("amx_bf16", "AMX")) if flag in flags)
     return f"{os.cpu_count()} x {cpu} ({simd})"

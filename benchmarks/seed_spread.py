@@ -137,8 +137,9 @@ def report(out: Path) -> str:
              "|---|---|---|---|---|---|"]
     for r in rows:
         falls = "yes" if not r["loss_rise"] else f"no: epoch {r['loss_rise']}"
-        lines.append(f"| {r['variant']} | {r['seed']} | {falls} | {number(r['val_acc'])} ({number(r['val_acc_tta'])}) | "
-                     f"{r['map']:.4f} ({r['two_stage_map']:.4f}) | {r['train_seconds']:.0f} |")
+        lines.append(f"| {r['variant']} | {r['seed']} | {falls} | {number(r['val_acc'])} "
+                     f"({number(r['val_acc_tta'])}) | {r['map']:.4f} ({r['two_stage_map']:.4f}) | "
+                     f"{r['train_seconds']:.0f} |")
     lines += ["", "| variant | runs | loss falls every epoch | mAP@1000 mean (range) | val acc TTA mean (range) |",
               "|---|---|---|---|---|"]
     for variant in sorted({r["variant"] for r in rows}):

@@ -82,7 +82,7 @@ def main() -> None:
         step = optimizer.step
 
         def kind(name: str) -> str:
-            return name.split(".")[0] if name.startswith(("latent", "classifier")) else \
+            return name.split(".")[0] if name.startswith(("latent", "classifier", "auxiliary")) else \
                 "norm_bias" if ".norm" in name else "backbone"
 
         def logged_step(*a, **k):

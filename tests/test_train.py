@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +15,10 @@ from safetensors.torch import load_file
 from engine.metrics import retrieval_metrics
 from engine.synthetic import make_image_folder
 from training.cnnh import cnnh_target_codes
-from training.config import CHECKPOINT, TrainConfig
+from training.config import CHECKPOINT, CHECKPOINT_STATE, TrainConfig
 from training.data import load_dataset
 from training.errors import UserError
-from training.loop import evaluate, recompute_batchnorm_statistics, use_bf16
+from training.loop import evaluate, mirrored, recompute_batchnorm_statistics, use_bf16
 from training.model import load_model
 from training.train import train
 
@@ -61,9 +63,12 @@ def test_mirror_average_is_refused_where_a_flip_changes_the_meaning(tmp_path, im
                           mirror_average=True), dataset=digits)
 
 
-def test_killed_run_resumes_to_the_same_model(tmp_path, image_folder, cli_env):
+@pytest.mark.parametrize("extra", [[], ["--aux-weight", "1", "--alternating-flip"]], ids=["paper", "training-aids"])
+def test_killed_run_resumes_to_the_same_model(extra, tmp_path, image_folder, cli_env):
+    """With --aux-weight the auxiliary classifier is in the checkpoint (a resumed run needs it) but not the model;
+    with --alternating-flip a resumed run mirrors the images the uninterrupted one did."""
     args = ["--data", str(image_folder), "--backbone", "cifar_convnet_small", "--bits", "12", "--batch-size", "32",
-            "--epochs", "6", "--no-tta", "--val-split", "0.2"]
+            "--epochs", "6", "--no-tta", "--val-split", "0.2", *extra]
     full = tmp_path / "full"
     assert _run(args + ["--out", str(full)], cli_env).returncode == 0
     part = tmp_path / "part"
@@ -88,12 +93,35 @@ def test_killed_run_resumes_to_the_same_model(tmp_path, image_folder, cli_env):
     elapsed = [r["elapsed_seconds"] for r in records]
     assert elapsed == sorted(elapsed), "a resumed run's elapsed time carries on from the checkpoint"
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert a.keys() == b.keys() and not any(key.startswith("auxiliary.") for key in a)
+    assert ("model.auxiliary.weight" in load_file(str(part / CHECKPOINT))) == bool(extra)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
     uninterrupted = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     for ours, theirs in zip(records, uninterrupted):  # the same schedule and batches: the same trajectory
         assert ours["step"] == theirs["step"] and ours["val_acc"] == pytest.approx(theirs["val_acc"], abs=1e-6)
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("flags", [["--bits", "12"], ["--aux-weight", "1"]])
+def test_resuming_with_other_flags_is_a_clear_error(flags, trained_model, image_folder, tmp_path, cli_env):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in (CHECKPOINT, CHECKPOINT_STATE, "train_config.json"):
+        shutil.copy(trained_model / name, out / name)
+    result = _run(["--data", str(image_folder), "--out", str(out), "--backbone", "cifar_convnet_small", "--bits", "16",
+                   "--resume", *flags], cli_env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "resume with the flags the run started with" in result.stderr
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    index, first_epoch = torch.arange(1000), torch.rand(1000) < 0.5
+    generator = torch.Generator().manual_seed(0)
+    epochs = [mirrored(index, epoch, generator, first_epoch) for epoch in range(3)]
+    assert torch.equal(epochs[0], first_epoch) and torch.equal(epochs[1], ~first_epoch)
+    assert torch.equal(epochs[2], epochs[0])
+    assert 400 < mirrored(index, 0, generator).sum() < 600  # without the mask: half of the batch at random
 
 
 def test_default_recipe_loss_falls_every_epoch(tmp_path):
@@ -119,6 +147,31 @@ def test_bf16_is_chosen_by_itself_on_gpus_and_on_cpus_with_native_bf16(monkeypat
     assert use_bf16("on", torch.device("cpu")) and not use_bf16("off", torch.device("cuda"))
 
 
+FAULT_PROBE = """
+import resource, torch
+from training.loop import keep_freed_memory
+def page_faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.ones(16 * 2**20)  # 64 MB, written and freed, like a training step's activations
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+default = page_faults()
+kept = keep_freed_memory()
+page_faults()  # the heap grows once
+print(default, kept, page_faults())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_freed_activations_are_reused_without_faulting_their_pages_in(cli_env):
+    """What makes CPU training steps 10-27 % faster (issue 16): once kept, a freed 64 MB block comes back as is."""
+    result = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True, env=cli_env,
+                            timeout=120, check=True)
+    default, kept, after = result.stdout.split()
+    assert kept == "True"
+    assert int(default) > 5 * 1000 and int(after) < int(default) / 100, result.stdout
+
+
 def _run(args, env):
     return subprocess.run([sys.executable, "-m", "training.train", *args], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -128,6 +181,7 @@ def _run(args, env):
     (["--data", "/nonexistent/data"], "does not exist"),
     (["--backbone", "resnet81"], "did you mean"),
     (["--bits", "0"], "at least 1"),
+    (["--aux-weight", "-1"], "0 or more"),
     (["--weights", "/nonexistent.pth"], "cannot read --weights"),
     (["--resume"], "no checkpoint"),
     (["--freeze-backbone"], "needs a trained backbone"),

@@ -6,9 +6,11 @@ with a triangular learning-rate schedule, BatchNorm biases at a higher rate, and
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,6 +47,22 @@ def use_bf16(amp: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and has_native_bf16())
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next allocation rather than hand it back to the kernel.
+
+    A CPU training step allocates and frees activations of ~100 MB each; glibc maps blocks that large afresh each
+    time, and faulting their pages in again cost 10-27 % of a step (RESULTS.md, issue 16). Process-wide, for the
+    rest of the process. Returns whether it took effect (False off glibc, e.g. on macOS).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) under torchrun; (0, 1, device) otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -60,10 +78,19 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 # ---------------------------------------------------------------- augmentation, schedule, evaluation
-def augment(images: torch.Tensor, translate: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random translation (reflect-padded crop) and horizontal flip of a whole uint8 batch at once."""
-    if flip:
-        mirror = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+def mirrored(index: torch.Tensor, epoch: int, generator: torch.Generator,
+             first_epoch: torch.Tensor | None = None) -> torch.Tensor:
+    """Which images of a batch (their dataset `index`) to mirror: half at random, or with `first_epoch` (a mask
+    over the dataset) airbench's alternating flip, each image mirrored in every other epoch."""
+    if first_epoch is not None:
+        return first_epoch[index] ^ bool(epoch % 2)
+    return torch.rand(len(index), generator=generator, device=index.device) < 0.5
+
+
+def augment(images: torch.Tensor, translate: int, mirror: torch.Tensor | None,
+            generator: torch.Generator) -> torch.Tensor:
+    """Horizontal flip of the `mirror` images and random translation (reflect-padded crop) of a whole uint8 batch."""
+    if mirror is not None:
         images = torch.where(mirror.view(-1, 1, 1, 1), images.flip(-1), images)
     if translate:
         n, _, h, w = images.shape
@@ -105,14 +132,18 @@ def evaluate(model: nn.Module, data: LabeledImages, device: torch.device, bf16: 
 
 
 def hashing_loss(objective: str, latent: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                 target_bits: torch.Tensor | None, label_smoothing: float) -> torch.Tensor:
+                 target_bits: torch.Tensor | None, label_smoothing: float, auxiliary: torch.Tensor | None = None,
+                 aux_weight: float = 0.0) -> torch.Tensor:
     """latent: the paper's cross-entropy on the classes, codes emerge in the latent layer. cnnh: binary
-    cross-entropy of each latent unit against stage 1's target bit. cnnh+: both, as CNNH+ adds class outputs."""
+    cross-entropy of each latent unit against stage 1's target bit. cnnh+: both, as CNNH+ adds class outputs.
+    `auxiliary` logits (from the features, past the latent layer) add their cross-entropy times `aux_weight`."""
     loss = torch.zeros((), device=logits.device)
     if objective != "cnnh":
         loss = loss + F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
     if objective != "latent":
         loss = loss + F.binary_cross_entropy_with_logits(latent.float(), target_bits)
+    if auxiliary is not None:
+        loss = loss + aux_weight * F.cross_entropy(auxiliary.float(), labels, label_smoothing=label_smoothing)
     return loss
 
 
@@ -198,7 +229,13 @@ def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimiz
     except (OSError, json.JSONDecodeError, Exception) as error:
         raise UserError(f"cannot resume from {out}: {error}") from error
     device = next(model.parameters()).device
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as error:  # another --backbone, --bits or --aux-weight than the run started with
+        detail = (str(error).splitlines()[1] if "\n" in str(error) else str(error)).strip().rstrip(".")
+        raise UserError(f"cannot resume from {out}: its checkpoint does not fit the model these flags make "
+                        f"({detail}); resume with the flags the run started with ({out / 'train_config.json'})") \
+            from error
     optimizer_state = optimizer.state_dict()
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -216,6 +253,8 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     arguments were checked by `training.train.check_config`."""
     device = pick_device(config.device)
     rank, world_size, device = init_distributed(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(config.seed)
     out = Path(config.out)
     if dataset is None:
@@ -232,12 +271,18 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     model.config.extra["objective"] = config.objective
     model.config.mirror_average = config.mirror_average
     model.backbone.requires_grad_(not config.freeze_backbone)  # frozen: no backbone graph, ~3x cheaper steps
+    if config.aux_weight:
+        model.auxiliary = nn.Linear(model.config.feature_dim, len(dataset.class_names), bias=False).to(device)
     classes_trained = config.objective != "cnnh"  # pure CNNH leaves the classifier untrained
     target_bits = None
     if config.objective != "latent":
         target_bits = torch.from_numpy(cnnh_target_codes(dataset.train.labels.numpy(), config.bits,
                                                          seed=config.seed)).float().to(device)
     flip = config.flip and dataset.mirror_invariant
+    first_epoch_flips = None  # --alternating-flip: the images mirrored in even epochs, fixed by the seed
+    if flip and config.alternating_flip:
+        seeded = torch.Generator(device=device).manual_seed(config.seed)
+        first_epoch_flips = torch.rand(len(dataset.train), generator=seeded, device=device) < 0.5
     train_images = dataset.train.images.to(device)
     train_labels = dataset.train.labels.to(device)
     if hasattr(model.backbone, "init_whitening") and not config.resume and config.weights is None:
@@ -274,15 +319,17 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
             if step >= total_steps:
                 break
             index = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
-            images = augment(train_images[index], config.translate, flip, generator)
+            mirror = mirrored(index, epoch, generator, first_epoch_flips) if flip else None
+            images = augment(train_images[index], config.translate, mirror, generator)
             images = images.contiguous(memory_format=torch.channels_last)
             labels = train_labels[index]
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * lr_factor(step, total_steps)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                latent, logits = trained(images, with_latent=True)
+                latent, logits, auxiliary = trained(images, with_latent=True)
             targets = target_bits[index] if target_bits is not None else None
-            loss = hashing_loss(config.objective, latent, logits, labels, targets, config.label_smoothing)
+            loss = hashing_loss(config.objective, latent, logits, labels, targets, config.label_smoothing, auxiliary,
+                                config.aux_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

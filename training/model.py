@@ -87,6 +87,7 @@ class HashingNet(nn.Module):
         self.classifier = nn.Linear(config.bits, len(config.class_names))
         nn.init.normal_(self.latent.weight, std=0.005)  # the paper's initialisation of H
         nn.init.constant_(self.latent.bias, 1.0)
+        self.auxiliary: nn.Linear | None = None  # training only (TrainConfig.aux_weight); save_model leaves it out
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -98,10 +99,15 @@ class HashingNet(nn.Module):
         return self.backbone(self.normalize(images))
 
     def forward(self, images: torch.Tensor, with_latent: bool = False):
-        """Class logits; with `with_latent`, (latent pre-activations, class logits) for code-target losses."""
-        latent = self.latent(self.features(images))
+        """Class logits; with `with_latent`, (latent pre-activations, class logits, auxiliary logits or None) for
+        the training losses."""
+        features = self.features(images)
+        latent = self.latent(features)
         logits = self.classifier(torch.sigmoid(latent))
-        return (latent, logits) if with_latent else logits
+        if not with_latent:
+            return logits
+        auxiliary = self.auxiliary(features) / 9 if self.auxiliary is not None else None  # airbench's head scale
+        return latent, logits, auxiliary
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +232,7 @@ def save_model(model: HashingNet, directory: str | os.PathLike) -> str:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "model.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith("auxiliary.")}
     atomic_write(weights, lambda p: save_file(state, str(p)))
     config = asdict(model.config)
     config["fingerprint"] = _fingerprint(weights.read_bytes(), config)

@@ -30,6 +30,10 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {config.input_size}")
     if config.bits > MAX_BITS:
         raise UserError(f"--bits must be at most {MAX_BITS}, got {config.bits}")
+    if not math.isfinite(config.aux_weight) or config.aux_weight < 0:
+        raise UserError(f"--aux-weight must be 0 or more, got {config.aux_weight}")
+    if config.aux_weight and config.freeze_backbone:
+        raise UserError("--aux-weight trains the backbone faster; with --freeze-backbone it would change nothing")
     for name, value in (("epochs", config.epochs), ("lr", config.lr),
                         ("norm-bias-lr-scale", config.norm_bias_lr_scale)):
         if not math.isfinite(value) or value <= 0:
@@ -105,10 +109,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
                         help="0 = the paper's plain cross-entropy (default)")
+    parser.add_argument("--aux-weight", type=float, default=defaults.aux_weight, metavar="W",
+                        help="add W x the cross-entropy of a linear classifier on the backbone's features (training "
+                        "only, not saved): the backbone learns faster than through the sigmoid layer alone "
+                        "(default 0: the paper's loss)")
     parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
                         help="latent = the paper's cross-entropy (default); cnnh/cnnh+ = the CNNH baselines")
     parser.add_argument("--translate", type=int, default=defaults.translate, help="max random shift, pixels")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips")
+    parser.add_argument("--alternating-flip", action="store_true",
+                        help="mirror each image in every other epoch (airbench), not half of each batch at random")
     parser.add_argument("--no-lookahead", dest="lookahead", action="store_false")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="skip the final flip/shift TTA score")
     parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))

@@ -57,7 +57,7 @@ def keep_freed_memory() -> bool:
     time, and faulting their pages in again cost 10-27 % of a step (RESULTS.md, issue 16). Process-wide, for the
     rest of the process. Returns whether it took effect (False off glibc, e.g. on macOS).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if platform.libc_ver()[0] != "glibc":  # Linux with glibc only; macOS and musl answer otherwise
         return False
     libc = ctypes.CDLL(None)
     return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))

@@ -31,7 +31,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Weight of an auxiliary loss: the cross-entropy of airbench's linear classifier on the backbone's features
     # (training only, never saved), a gradient for the backbone that does not pass the sigmoid layer. 0 is the
-    # paper's loss. Measured: +0.8 points of accuracy at 8 epochs; at 12, one run of two spiked (RESULTS.md).
+    # paper's loss; README's 48-bit recipe uses 1 with lr 0.5 (+0.8 points at 8 epochs; at lr 0.6 one 12-epoch
+    # run of two spiked, at 0.5 none did; RESULTS.md, issue 16).
     aux_weight: float = 0.0
     objective: str = "latent"  # latent (the paper), cnnh or cnnh+ (baselines)
     translate: int = 2

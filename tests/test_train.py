@@ -18,7 +18,7 @@ from training.cnnh import cnnh_target_codes
 from training.config import CHECKPOINT, CHECKPOINT_STATE, TrainConfig
 from training.data import load_dataset
 from training.errors import UserError
-from training.loop import evaluate, mirrored, recompute_batchnorm_statistics, use_bf16
+from training.loop import evaluate, lr_factor, mirrored, recompute_batchnorm_statistics, use_bf16
 from training.model import load_model
 from training.train import train
 
@@ -63,7 +63,8 @@ def test_mirror_average_is_refused_where_a_flip_changes_the_meaning(tmp_path, im
                           mirror_average=True), dataset=digits)
 
 
-@pytest.mark.parametrize("extra", [[], ["--aux-weight", "1", "--alternating-flip"]], ids=["paper", "training-aids"])
+@pytest.mark.parametrize("extra", [[], ["--aux-weight", "1", "--alternating-flip", "--warmup", "0.14"]],
+                         ids=["paper", "training-aids"])
 def test_killed_run_resumes_to_the_same_model(extra, tmp_path, image_folder, cli_env):
     """With --aux-weight the auxiliary classifier is in the checkpoint (a resumed run needs it) but not the model;
     with --alternating-flip a resumed run mirrors the images the uninterrupted one did."""
@@ -103,16 +104,21 @@ def test_killed_run_resumes_to_the_same_model(extra, tmp_path, image_folder, cli
         assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("flags", [["--bits", "12"], ["--aux-weight", "1"]])
-def test_resuming_with_other_flags_is_a_clear_error(flags, trained_model, image_folder, tmp_path, cli_env):
+@pytest.mark.parametrize("flags, named", [(["--bits", "12"], "--bits 16 (now 12)"),
+                                          (["--aux-weight", "1"], "--aux-weight 0.0 (now 1.0)"),
+                                          (["--warmup", "0.14"], "--warmup 0.23 (now 0.14)")])
+def test_resuming_with_other_flags_is_a_clear_error(flags, named, trained_model, image_folder, tmp_path, cli_env):
+    """Another schedule or model than the run started with would bend its trajectory midway."""
     out = tmp_path / "run"
     out.mkdir()
     for name in (CHECKPOINT, CHECKPOINT_STATE, "train_config.json"):
         shutil.copy(trained_model / name, out / name)
-    result = _run(["--data", str(image_folder), "--out", str(out), "--backbone", "cifar_convnet_small", "--bits", "16",
-                   "--resume", *flags], cli_env)
+    started_with = ["--backbone", "cifar_convnet_small", "--bits", "16", "--epochs", "8", "--batch-size", "32",
+                    "--lr", "8", "--val-split", "0.2"]  # the trained_model fixture's run
+    result = _run(["--data", str(image_folder), "--out", str(out), *started_with, "--resume", *flags], cli_env)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    assert "resume with the flags the run started with" in result.stderr
+    assert "resume with the flags the run started with" in result.stderr and named in result.stderr
+    assert result.stderr.count("(now") == 1, result.stderr
 
 
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
@@ -122,6 +128,13 @@ def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
     assert torch.equal(epochs[0], first_epoch) and torch.equal(epochs[1], ~first_epoch)
     assert torch.equal(epochs[2], epochs[0])
     assert 400 < mirrored(index, 0, generator).sum() < 600  # without the mask: half of the batch at random
+
+
+def test_learning_rate_climbs_to_its_peak_over_the_warmup_fraction_then_falls():
+    factors = [lr_factor(step, 100, warmup=0.14) for step in range(100)]
+    assert factors[0] == pytest.approx(0.2) and max(factors) == factors[14] == 1.0
+    assert factors[:15] == sorted(factors[:15]) and factors[14:] == sorted(factors[14:], reverse=True)
+    assert lr_factor(100, 100, warmup=0.14) == pytest.approx(0.07)  # where the last step would go next
 
 
 def test_default_recipe_loss_falls_every_epoch(tmp_path):
@@ -182,6 +195,7 @@ def _run(args, env):
     (["--backbone", "resnet81"], "did you mean"),
     (["--bits", "0"], "at least 1"),
     (["--aux-weight", "-1"], "0 or more"),
+    (["--warmup", "1"], "--warmup must be in (0, 1)"),
     (["--weights", "/nonexistent.pth"], "cannot read --weights"),
     (["--resume"], "no checkpoint"),
     (["--freeze-backbone"], "needs a trained backbone"),

@@ -25,6 +25,7 @@ class TrainConfig:
     # saturates the sigmoid latent layer at the peak and the loss climbs; at 0.75 a run in five still takes a
     # loss spike near the peak (32 runs on an H200); at 0.6 (10 runs) and 0.5 (6) none did (RESULTS.md, issue 16).
     lr: float = 0.6
+    warmup: float = 0.23  # fraction of the steps over which the learning rate climbs to its peak
     momentum: float = 0.85
     weight_decay: float = 1.5e-3  # per-step decay at batch 1024 divided by lr, scaled like lr
     norm_bias_lr_scale: float = 64.0

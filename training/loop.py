@@ -104,12 +104,12 @@ def augment(images: torch.Tensor, translate: int, mirror: torch.Tensor | None,
     return images
 
 
-def lr_factor(step: int, total_steps: int) -> float:
-    """Triangular schedule: 0.2 -> 1 over the first 23% of steps, then down to 0.07."""
-    warmup = max(1, int(total_steps * 0.23))
-    if step < warmup:
-        return 0.2 + 0.8 * step / warmup
-    return 1.0 - 0.93 * (step - warmup) / max(1, total_steps - warmup)
+def lr_factor(step: int, total_steps: int, warmup: float) -> float:
+    """Triangular schedule: 0.2 -> 1 over the first `warmup` fraction of steps, then down to 0.07."""
+    warmup_steps = max(1, int(total_steps * warmup))
+    if step < warmup_steps:
+        return 0.2 + 0.8 * step / warmup_steps
+    return 1.0 - 0.93 * (step - warmup_steps) / max(1, total_steps - warmup_steps)
 
 
 @torch.no_grad()
@@ -221,6 +221,24 @@ def save_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimiz
     atomic_write(out / CHECKPOINT_STATE, lambda p: p.write_text(json.dumps(state)))
 
 
+# Flags a resumed run may change: where things are and how fast they run, not the schedule, data order or model.
+RESUMABLE_CHANGES = frozenset({"data", "out", "resume", "overwrite", "device", "amp", "tta"})
+
+
+def check_resumed_flags(out: Path, config: TrainConfig) -> None:
+    """A resumed run must follow the trajectory the run started on (issue 16): another --epochs, --lr or --seed
+    would bend its schedule or batches midway."""
+    try:
+        started = json.loads((out / "train_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # load_checkpoint says what is missing
+    changed = [f"--{name.replace('_', '-')} {started[name]} (now {value})" for name, value in asdict(config).items()
+               if name not in RESUMABLE_CHANGES and name in started and started[name] != value]
+    if changed:
+        raise UserError(f"cannot resume from {out}: it started with {', '.join(changed)}; resume with the flags "
+                        f"the run started with ({out / 'train_config.json'})")
+
+
 def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimizer,
                     lookahead: dict[str, torch.Tensor] | None) -> dict:
     try:
@@ -257,6 +275,8 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         keep_freed_memory()
     torch.manual_seed(config.seed)
     out = Path(config.out)
+    if config.resume:
+        check_resumed_flags(out, config)
     if dataset is None:
         dataset = load_dataset(config.data, config.format, config.input_size, config.val_split, config.seed,
                                config.class_names)
@@ -324,7 +344,7 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
             images = images.contiguous(memory_format=torch.channels_last)
             labels = train_labels[index]
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, total_steps)
+                group["lr"] = group["base_lr"] * lr_factor(step, total_steps, config.warmup)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 latent, logits, auxiliary = trained(images, with_latent=True)
             targets = target_bits[index] if target_bits is not None else None

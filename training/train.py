@@ -38,6 +38,8 @@ def check_config(config: TrainConfig) -> None:
                         ("norm-bias-lr-scale", config.norm_bias_lr_scale)):
         if not math.isfinite(value) or value <= 0:
             raise UserError(f"--{name} must be a positive number, got {value}")
+    if not 0 < config.warmup < 1:
+        raise UserError(f"--warmup must be in (0, 1), got {config.warmup}")
     if not 0 <= config.val_split < 1:
         raise UserError(f"--val-split must be in [0, 1), got {config.val_split}")
     if not 0 <= config.label_smoothing < 1:
@@ -103,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
     parser.add_argument("--lr", type=float, default=defaults.lr,
                         help="peak learning rate at batch 1024, scaled with --batch-size (default %(default)s)")
+    parser.add_argument("--warmup", type=float, default=defaults.warmup, metavar="FRACTION",
+                        help="fraction of the training steps over which the learning rate climbs to its peak "
+                        "(default %(default)s)")
     parser.add_argument("--norm-bias-lr-scale", type=float, default=defaults.norm_bias_lr_scale,
                         help="normalisation layers' biases learn this many times faster than --lr (airbench; "
                         "default %(default)s)")

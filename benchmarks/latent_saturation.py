@@ -17,7 +17,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import common  # noqa: F401  (puts the project on sys.path)
@@ -54,6 +54,7 @@ def main() -> None:
     recorded.update(out=str(out), resume=not args.fresh, tta=False, data=args.data or recorded["data"])
     recorded.update(args.set)
     config = TrainConfig(**recorded)
+    (out / "train_config.json").write_text(json.dumps(asdict(config)))  # the probe's copy changes flags on purpose
     print(f"machine: {machine()}; {args.run} {'from scratch' if args.fresh else 'from its checkpoint'}; "
           f"changed: {dict(args.set) or 'nothing'}", flush=True)
 

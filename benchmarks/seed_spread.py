@@ -30,7 +30,7 @@ import common  # noqa: F401
 from common import machine
 
 RECIPE = ("--backbone cifar_convnet --bits 48 --epochs 14 --batch-size 1024 --label-smoothing 0.2 "
-          "--mirror-average --aux-weight 1 --lr 0.5 --alternating-flip --warmup 0.14")  # README.md's 48-bit command
+          "--mirror-average --aux-weight 1 --lr 0.5 --alternating-flip")  # README.md's 48-bit command
 TOP_K = 1000
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import common  # noqa: F401  (puts the project on sys.path)
 from common import machine
+from training.config import TRAIN_CONFIG
 from training.data import load_dataset
 from training.loop import evaluate, recompute_batchnorm_statistics
 from training.model import create_model
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=Path, nargs="+", required=True)
     parser.add_argument("--batches", type=int, default=20, help="training batches the statistics are recomputed on")
     args = parser.parse_args()
-    config = json.loads((args.run / "train_config.json").read_text())
+    config = json.loads((args.run / TRAIN_CONFIG).read_text())
     data = load_dataset(config["data"], config["format"], config["input_size"], config["val_split"], config["seed"])
     images = data.train.images[torch.randperm(len(data.train), generator=torch.Generator().manual_seed(0))]
     print(f"machine: {machine()}; run {args.run} ({config['backbone']}, {config['bits']} bits, seed {config['seed']})")

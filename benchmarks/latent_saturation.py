@@ -17,7 +17,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import common  # noqa: F401  (puts the project on sys.path)
@@ -43,18 +43,18 @@ def main() -> None:
     parser.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
     import training.loop as loop
-    from training.config import CHECKPOINT, CHECKPOINT_STATE, TrainConfig
+    from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, save_train_config
 
     source, out = Path(args.run), Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(source, out, ignore=shutil.ignore_patterns(CHECKPOINT, CHECKPOINT_STATE) if args.fresh else None)
-    recorded = json.loads((source / "train_config.json").read_text())
+    recorded = json.loads((source / TRAIN_CONFIG).read_text())
     known = {f.name for f in fields(TrainConfig)}
     recorded = {k: v for k, v in recorded.items() if k in known}
     recorded.update(out=str(out), resume=not args.fresh, tta=False, data=args.data or recorded["data"])
     recorded.update(args.set)
     config = TrainConfig(**recorded)
-    (out / "train_config.json").write_text(json.dumps(asdict(config)))  # the probe's copy changes flags on purpose
+    save_train_config(config, out)  # the probe's copy changes flags on purpose: --resume must accept them
     print(f"machine: {machine()}; {args.run} {'from scratch' if args.fresh else 'from its checkpoint'}; "
           f"changed: {dict(args.set) or 'nothing'}", flush=True)
 

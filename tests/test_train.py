@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from engine.metrics import retrieval_metrics
 from engine.synthetic import make_image_folder
 from training.cnnh import cnnh_target_codes
-from training.config import CHECKPOINT, CHECKPOINT_STATE, TrainConfig
+from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig
 from training.data import load_dataset
 from training.errors import UserError
 from training.loop import evaluate, lr_factor, mirrored, recompute_batchnorm_statistics, use_bf16
@@ -111,7 +111,7 @@ def test_resuming_with_other_flags_is_a_clear_error(flags, named, trained_model,
     """Another schedule or model than the run started with would bend its trajectory midway."""
     out = tmp_path / "run"
     out.mkdir()
-    for name in (CHECKPOINT, CHECKPOINT_STATE, "train_config.json"):
+    for name in (CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG):
         shutil.copy(trained_model / name, out / name)
     started_with = ["--backbone", "cifar_convnet_small", "--bits", "16", "--epochs", "8", "--batch-size", "32",
                     "--lr", "8", "--val-split", "0.2"]  # the trained_model fixture's run

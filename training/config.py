@@ -2,10 +2,13 @@
 the loop and the command line share. Light on purpose: the command line reads it before importing torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
+TRAIN_CONFIG = "train_config.json"  # the flags a run started with
 OBJECTIVES = ("latent", "cnnh", "cnnh+")
 FORMATS = ("auto", "folder", "cifar10", "mnist")
 
@@ -54,3 +57,8 @@ class TrainConfig:
     overwrite: bool = False  # replace a model already in `out`
     seed: int = 0
     val_split: float = 0.1
+
+
+def save_train_config(config: TrainConfig, out: Path) -> None:
+    """What --resume holds a run to and what the benchmarks read back."""
+    (out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n")

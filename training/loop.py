@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.cnnh import cnnh_target_codes
-from training.config import CHECKPOINT, CHECKPOINT_STATE, TrainConfig
+from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, save_train_config
 from training.data import Dataset, LabeledImages, load_dataset
 from training.errors import UserError
 from training.files import atomic_write
@@ -229,14 +229,14 @@ def check_resumed_flags(out: Path, config: TrainConfig) -> None:
     """A resumed run must follow the trajectory the run started on (issue 16): another --epochs, --lr or --seed
     would bend its schedule or batches midway."""
     try:
-        started = json.loads((out / "train_config.json").read_text())
+        started = json.loads((out / TRAIN_CONFIG).read_text())
     except (OSError, json.JSONDecodeError):
         return  # load_checkpoint says what is missing
     changed = [f"--{name.replace('_', '-')} {started[name]} (now {value})" for name, value in asdict(config).items()
                if name not in RESUMABLE_CHANGES and name in started and started[name] != value]
     if changed:
         raise UserError(f"cannot resume from {out}: it started with {', '.join(changed)}; resume with the flags "
-                        f"the run started with ({out / 'train_config.json'})")
+                        f"the run started with ({out / TRAIN_CONFIG})")
 
 
 def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimizer,
@@ -252,7 +252,7 @@ def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimiz
     except RuntimeError as error:  # another --backbone, --bits or --aux-weight than the run started with
         detail = (str(error).splitlines()[1] if "\n" in str(error) else str(error)).strip().rstrip(".")
         raise UserError(f"cannot resume from {out}: its checkpoint does not fit the model these flags make "
-                        f"({detail}); resume with the flags the run started with ({out / 'train_config.json'})") \
+                        f"({detail}); resume with the flags the run started with ({out / TRAIN_CONFIG})") \
             from error
     optimizer_state = optimizer.state_dict()
     for key, value in tensors.items():
@@ -323,7 +323,7 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not classes_trained) \
         if world_size > 1 else model
     if rank == 0:
-        (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        save_train_config(config, out)
         # From the checkpoint's history: an epoch logged after the last checkpoint is not counted twice.
         (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
     generator = torch.Generator(device=device).manual_seed(config.seed)

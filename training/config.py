@@ -28,9 +28,9 @@ class TrainConfig:
     # saturates the sigmoid latent layer at the peak and the loss climbs; at 0.75 a run in five still takes a
     # loss spike near the peak (32 runs on an H200); at 0.6 (10 runs) and 0.5 (6) none did (RESULTS.md, issue 16).
     lr: float = 0.6
-    # Fraction of the steps over which the learning rate climbs to its peak. In the 14-epoch recipe 0.14 (the peak
-    # in epoch 2, not 4) took away one seed's rise at the peak in bf16, but an fp32 run spiked in epoch 5
-    # (RESULTS.md, issue 16): not the default yet.
+    # Fraction of the steps over which the learning rate climbs to its peak. README's 48-bit recipe uses 0.14 (the
+    # peak in epoch 2, not 4) with lr 0.4: its loss fell every epoch in 5 bf16 runs of 5; at lr 0.5 the short climb
+    # took away one seed's rise at the peak in bf16, but an fp32 run spiked in epoch 5 (RESULTS.md, issue 16).
     warmup: float = 0.23
     momentum: float = 0.85
     weight_decay: float = 1.5e-3  # per-step decay at batch 1024 divided by lr, scaled like lr
@@ -38,7 +38,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Weight of an auxiliary loss: the cross-entropy of airbench's linear classifier on the backbone's features
     # (training only, never saved), a gradient for the backbone that does not pass the sigmoid layer. 0 is the
-    # paper's loss; README's 48-bit recipe uses 1 with lr 0.5 (+0.8 points at 8 epochs; at lr 0.6 one 12-epoch
+    # paper's loss; README's 48-bit recipe uses 1 with lr 0.4 (+0.8 points at 8 epochs; at lr 0.6 one 12-epoch
     # run of two spiked; at 0.5, one 14-epoch run of five rose 0.018 at the peak; RESULTS.md, issue 16).
     aux_weight: float = 0.0
     objective: str = "latent"  # latent (the paper), cnnh or cnnh+ (baselines)

@@ -73,8 +73,8 @@ def train(config: TrainConfig, dataset=None) -> dict:
 
 # ---------------------------------------------------------------- command line
 EXAMPLES = """examples:
-  python -m training.train --data ../shared/data/cifar-10-batches-py --out models/cifar48 --epochs 14 \
---batch-size 1024 --label-smoothing 0.2 --mirror-average --aux-weight 1 --lr 0.5 --alternating-flip
+  python -m training.train --data ../shared/data/cifar-10-batches-py --out models/cifar48 --epochs 15 \
+--batch-size 1024 --label-smoothing 0.2 --mirror-average --aux-weight 1 --lr 0.4 --warmup 0.14 --alternating-flip
   python -m training.train --data photos/ --out models/photos --backbone resnet18 --input-size 64 --epochs 20
   python -m training.train --data photos/ --out models/photos --backbone resnet50 --pretrained --input-size 224
   python -m training.train --data ../shared/data/mnist --out models/mnist --bits 12 --resume

@@ -150,7 +150,7 @@ def kill_mid_build_and_rerun(args: list, catalog, files: list, env: dict, commit
     again: the rerun indexes the rest, and every file is in the catalog exactly once."""
     process = subprocess.Popen([sys.executable, *map(str, args)], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # a loaded 2-core host (a Ray driver beside a training run) took over 120 s
     while time.time() < deadline and process.poll() is None:
         shard = catalog / "shard-0000" / "data.mdb"
         if shard.exists() and shard.stat().st_size > committed_bytes:  # some batches are in

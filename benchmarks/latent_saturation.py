@@ -17,7 +17,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import fields
+from dataclasses import replace
 from pathlib import Path
 
 import common  # noqa: F401  (puts the project on sys.path)
@@ -43,17 +43,16 @@ def main() -> None:
     parser.add_argument("--set", type=_setting, action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
     import training.loop as loop
-    from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, save_train_config
+    from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, read_train_config, save_train_config
 
     source, out = Path(args.run), Path(args.out)
+    started = read_train_config(source)
+    if started is None:
+        parser.error(f"--run: {source / TRAIN_CONFIG} is missing or unreadable")
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(source, out, ignore=shutil.ignore_patterns(CHECKPOINT, CHECKPOINT_STATE) if args.fresh else None)
-    recorded = json.loads((source / TRAIN_CONFIG).read_text())
-    known = {f.name for f in fields(TrainConfig)}
-    recorded = {k: v for k, v in recorded.items() if k in known}
-    recorded.update(out=str(out), resume=not args.fresh, tta=False, data=args.data or recorded["data"])
-    recorded.update(args.set)
-    config = TrainConfig(**recorded)
+    config = replace(started, out=str(out), resume=not args.fresh, tta=False, data=args.data or started.data,
+                     **dict(args.set))
     save_train_config(config, out)  # the probe's copy changes flags on purpose: --resume must accept them
     print(f"machine: {machine()}; {args.run} {'from scratch' if args.fresh else 'from its checkpoint'}; "
           f"changed: {dict(args.set) or 'nothing'}", flush=True)

@@ -26,7 +26,7 @@ import torch
 import common  # noqa: F401
 from common import machine
 from engine.metrics import retrieval_metrics, two_stage_metrics
-from training.config import TRAIN_CONFIG
+from training.config import read_train_config
 from training.data import Dataset, load_dataset
 from training.gist import gist
 from training.hashers import HASHERS, SUPERVISED, fit_hasher
@@ -81,8 +81,8 @@ def recorded_training_seconds(model_dir: Path) -> float | None:
     if not summary.is_file():
         return None
     seconds = json.loads(summary.read_text()).get("seconds")
-    config = model_dir / TRAIN_CONFIG
-    weights = json.loads(config.read_text()).get("weights") if config.is_file() else None
+    config = read_train_config(model_dir)
+    weights = config.weights if config else None
     if seconds is not None and weights and Path(weights).is_dir():
         backbone_seconds = recorded_training_seconds(Path(weights))
         seconds = None if backbone_seconds is None else seconds + backbone_seconds

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from engine.metrics import retrieval_metrics
 from engine.synthetic import make_image_folder
 from training.cnnh import cnnh_target_codes
-from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig
+from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, read_train_config, save_train_config
 from training.data import load_dataset
 from training.errors import UserError
 from training.loop import evaluate, lr_factor, mirrored, recompute_batchnorm_statistics, use_bf16
@@ -119,6 +119,21 @@ def test_resuming_with_other_flags_is_a_clear_error(flags, named, trained_model,
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "resume with the flags the run started with" in result.stderr and named in result.stderr
     assert result.stderr.count("(now") == 1, result.stderr
+
+
+def test_a_recorded_config_reads_back_across_versions(tmp_path):
+    """Resume and the benchmarks read what a run recorded, also a run from an older or newer version."""
+    assert read_train_config(tmp_path) is None
+    config = TrainConfig(data="images", out=str(tmp_path), bits=12, lr=0.4, alternating_flip=True)
+    save_train_config(config, tmp_path)
+    assert read_train_config(tmp_path) == config
+    recorded = dataclasses.asdict(config)
+    del recorded["alternating_flip"]  # a setting its version lacked: the default it then ran with
+    recorded["retired_setting"] = 1
+    (tmp_path / TRAIN_CONFIG).write_text(json.dumps(recorded))
+    assert read_train_config(tmp_path) == dataclasses.replace(config, alternating_flip=False)
+    (tmp_path / TRAIN_CONFIG).write_text('{"bits": 12')  # cut short by a crash
+    assert read_train_config(tmp_path) is None
 
 
 def test_alternating_flip_mirrors_each_image_in_every_other_epoch():

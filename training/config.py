@@ -3,7 +3,7 @@ the loop and the command line share. Light on purpose: the command line reads it
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -62,3 +62,14 @@ class TrainConfig:
 def save_train_config(config: TrainConfig, out: Path) -> None:
     """What --resume holds a run to and what the benchmarks read back."""
     (out / TRAIN_CONFIG).write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
+def read_train_config(out: Path) -> TrainConfig | None:
+    """The settings the run in `out` started with, None when it recorded none; settings this version does not
+    know (a run from another version) are left out, ones it lacks take their defaults."""
+    try:
+        recorded = json.loads((out / TRAIN_CONFIG).read_text())
+        known = {f.name for f in fields(TrainConfig)}
+        return TrainConfig(**{name: value for name, value in recorded.items() if name in known})
+    except (OSError, json.JSONDecodeError, TypeError, AttributeError):
+        return None

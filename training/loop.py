@@ -22,7 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from training.cnnh import cnnh_target_codes
-from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, save_train_config
+from training.config import (CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, read_train_config,
+                             save_train_config)
 from training.data import Dataset, LabeledImages, load_dataset
 from training.errors import UserError
 from training.files import atomic_write
@@ -228,12 +229,12 @@ RESUMABLE_CHANGES = frozenset({"data", "out", "resume", "overwrite", "device", "
 def check_resumed_flags(out: Path, config: TrainConfig) -> None:
     """A resumed run must follow the trajectory the run started on (issue 16): another --epochs, --lr or --seed
     would bend its schedule or batches midway."""
-    try:
-        started = json.loads((out / TRAIN_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError):
+    started = read_train_config(out)
+    if started is None:
         return  # load_checkpoint says what is missing
-    changed = [f"--{name.replace('_', '-')} {started[name]} (now {value})" for name, value in asdict(config).items()
-               if name not in RESUMABLE_CHANGES and name in started and started[name] != value]
+    changed = [f"--{name.replace('_', '-')} {getattr(started, name)} (now {value})"
+               for name, value in asdict(config).items()
+               if name not in RESUMABLE_CHANGES and getattr(started, name) != value]
     if changed:
         raise UserError(f"cannot resume from {out}: it started with {', '.join(changed)}; resume with the flags "
                         f"the run started with ({out / TRAIN_CONFIG})")

@@ -29,8 +29,8 @@ from pathlib import Path
 import common  # noqa: F401
 from common import machine
 
-RECIPE = ("--backbone cifar_convnet --bits 48 --epochs 15 --batch-size 1024 --label-smoothing 0.2 "
-          "--mirror-average --aux-weight 1 --lr 0.4 --warmup 0.14 --alternating-flip")  # README.md's 48-bit command
+RECIPE = ("--backbone cifar_convnet --bits 48 --epochs 15 --batch-size 1024 --label-smoothing 0.2 --mirror-average "
+          "--aux-weight 1 --lr 0.4 --warmup 0.14 --alternating-flip --clip-grad-norm 1")  # README.md's 48-bit command
 TOP_K = 1000
 
 

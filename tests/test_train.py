@@ -63,7 +63,8 @@ def test_mirror_average_is_refused_where_a_flip_changes_the_meaning(tmp_path, im
                           mirror_average=True), dataset=digits)
 
 
-@pytest.mark.parametrize("extra", [[], ["--aux-weight", "1", "--alternating-flip", "--warmup", "0.14"]],
+@pytest.mark.parametrize("extra", [[], ["--aux-weight", "1", "--alternating-flip", "--warmup", "0.14",
+                                         "--clip-grad-norm", "1"]],
                          ids=["paper", "training-aids"])
 def test_killed_run_resumes_to_the_same_model(extra, tmp_path, image_folder, cli_env):
     """With --aux-weight the auxiliary classifier is in the checkpoint (a resumed run needs it) but not the model;
@@ -165,6 +166,19 @@ def test_default_recipe_loss_falls_every_epoch(tmp_path):
     assert max(saturated) < 0.05, saturated  # the sigmoid latent layer keeps learning
 
 
+def test_gradient_clipping_bounds_every_step(tmp_path):
+    """--clip-grad-norm scales each step's gradients down to the norm given: at a vanishing norm no step moves
+    the weights, so the network stays at chance while the same run without it learns."""
+    make_image_folder(tmp_path / "data", per_class=20, size=32, seed=0, classes=("circle", "square"))
+    accuracy = {}
+    for clip in (0.0, 1e-12):
+        summary = train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / f"clip{clip}"),
+                                    backbone="cifar_convnet_small", bits=8, epochs=3, batch_size=16, tta=False,
+                                    val_split=0.2, clip_grad_norm=clip))
+        accuracy[clip] = summary["history"][-1]["train_acc"]
+    assert accuracy[1e-12] < 0.65 < accuracy[0.0], accuracy
+
+
 @pytest.mark.parametrize("capabilities, expected", [({}, False), ({"avx2": True}, False),
                                                     ({"avx512_bf16": True}, True), ({"amx_bf16": True}, True)])
 def test_bf16_is_chosen_by_itself_on_gpus_and_on_cpus_with_native_bf16(monkeypatch, capabilities, expected):
@@ -211,6 +225,7 @@ def _run(args, env):
     (["--bits", "0"], "at least 1"),
     (["--aux-weight", "-1"], "0 or more"),
     (["--warmup", "1"], "--warmup must be in (0, 1)"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be 0 (off)"),
     (["--weights", "/nonexistent.pth"], "cannot read --weights"),
     (["--resume"], "no checkpoint"),
     (["--freeze-backbone"], "needs a trained backbone"),

@@ -353,6 +353,8 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
                                 config.aux_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
             optimizer.step()
             step += 1
             if lookahead is not None and step % 5 == 0:

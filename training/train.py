@@ -38,6 +38,8 @@ def check_config(config: TrainConfig) -> None:
                         ("norm-bias-lr-scale", config.norm_bias_lr_scale)):
         if not math.isfinite(value) or value <= 0:
             raise UserError(f"--{name} must be a positive number, got {value}")
+    if not math.isfinite(config.clip_grad_norm) or config.clip_grad_norm < 0:
+        raise UserError(f"--clip-grad-norm must be 0 (off) or a positive number, got {config.clip_grad_norm}")
     if not 0 < config.warmup < 1:
         raise UserError(f"--warmup must be in (0, 1), got {config.warmup}")
     if not 0 <= config.val_split < 1:
@@ -74,7 +76,8 @@ def train(config: TrainConfig, dataset=None) -> dict:
 # ---------------------------------------------------------------- command line
 EXAMPLES = """examples:
   python -m training.train --data ../shared/data/cifar-10-batches-py --out models/cifar48 --epochs 15 \
---batch-size 1024 --label-smoothing 0.2 --mirror-average --aux-weight 1 --lr 0.4 --warmup 0.14 --alternating-flip
+--batch-size 1024 --label-smoothing 0.2 --mirror-average --aux-weight 1 --lr 0.4 --warmup 0.14 --alternating-flip \
+--clip-grad-norm 1
   python -m training.train --data photos/ --out models/photos --backbone resnet18 --input-size 64 --epochs 20
   python -m training.train --data photos/ --out models/photos --backbone resnet50 --pretrained --input-size 224
   python -m training.train --data ../shared/data/mnist --out models/mnist --bits 12 --resume
@@ -112,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         help="normalisation layers' biases learn this many times faster than --lr (airbench; "
                         "default %(default)s)")
     parser.add_argument("--momentum", type=float, default=defaults.momentum, help="(default %(default)s)")
+    parser.add_argument("--clip-grad-norm", type=float, default=defaults.clip_grad_norm, metavar="NORM",
+                        help="scale each step's gradients down to this global norm when larger (default 0: off)")
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="(default %(default)s)")
     parser.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
                         help="0 = the paper's plain cross-entropy (default)")

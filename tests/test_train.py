@@ -168,15 +168,16 @@ def test_default_recipe_loss_falls_every_epoch(tmp_path):
 
 def test_gradient_clipping_bounds_every_step(tmp_path):
     """--clip-grad-norm scales each step's gradients down to the norm given: at a vanishing norm no step moves
-    the weights, so the network stays at chance while the same run without it learns."""
+    the weights, so the loss stays where it started while the same run without the cap learns."""
     make_image_folder(tmp_path / "data", per_class=20, size=32, seed=0, classes=("circle", "square"))
-    accuracy = {}
+    losses = {}
     for clip in (0.0, 1e-12):
         summary = train(TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / f"clip{clip}"),
-                                    backbone="cifar_convnet_small", bits=8, epochs=3, batch_size=16, tta=False,
+                                    backbone="cifar_convnet_small", bits=8, epochs=6, batch_size=16, tta=False,
                                     val_split=0.2, clip_grad_norm=clip))
-        accuracy[clip] = summary["history"][-1]["train_acc"]
-    assert accuracy[1e-12] < 0.65 < accuracy[0.0], accuracy
+        losses[clip] = [epoch["train_loss"] for epoch in summary["history"]]
+    assert max(abs(loss - losses[1e-12][0]) for loss in losses[1e-12]) < 0.01, losses  # measured: 0.002
+    assert losses[0.0][0] - losses[0.0][-1] > 0.02, losses  # measured: 0.047
 
 
 @pytest.mark.parametrize("capabilities, expected", [({}, False), ({"avx2": True}, False),

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from engine.metrics import retrieval_metrics
 from engine.synthetic import make_image_folder
 from training.cnnh import cnnh_target_codes
-from training.config import CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, read_train_config, save_train_config
+from training.config import (CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, read_train_config,
+                             save_train_config)
 from training.data import load_dataset
 from training.errors import UserError
 from training.loop import evaluate, lr_factor, mirrored, recompute_batchnorm_statistics, use_bf16
@@ -226,7 +227,7 @@ def _run(args, env):
     (["--bits", "0"], "at least 1"),
     (["--aux-weight", "-1"], "0 or more"),
     (["--warmup", "1"], "--warmup must be in (0, 1)"),
-    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be 0 (off)"),
+    (["--clip-grad-norm", "-1"], "--clip-grad-norm must be 0 or more"),
     (["--weights", "/nonexistent.pth"], "cannot read --weights"),
     (["--resume"], "no checkpoint"),
     (["--freeze-backbone"], "needs a trained backbone"),

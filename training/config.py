@@ -43,8 +43,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Weight of an auxiliary loss: the cross-entropy of airbench's linear classifier on the backbone's features
     # (training only, never saved), a gradient for the backbone that does not pass the sigmoid layer. 0 is the
-    # paper's loss; README's 48-bit recipe uses 1 with lr 0.4 (+0.8 points at 8 epochs and lr 0.5; at lr 0.6 one 12-epoch
-    # run of two spiked; at 0.5, one 14-epoch run of five rose 0.018 at the peak; RESULTS.md, issue 16).
+    # paper's loss; README's 48-bit recipe uses 1 with lr 0.4 (+0.8 points at 8 epochs and lr 0.5; at lr 0.6 one
+    # 12-epoch run of two spiked; at 0.5, one 14-epoch run of five rose 0.018 at the peak; RESULTS.md, issue 16).
     aux_weight: float = 0.0
     objective: str = "latent"  # latent (the paper), cnnh or cnnh+ (baselines)
     translate: int = 2

@@ -30,16 +30,15 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {config.input_size}")
     if config.bits > MAX_BITS:
         raise UserError(f"--bits must be at most {MAX_BITS}, got {config.bits}")
-    if not math.isfinite(config.aux_weight) or config.aux_weight < 0:
-        raise UserError(f"--aux-weight must be 0 or more, got {config.aux_weight}")
+    for name, value in (("aux-weight", config.aux_weight), ("clip-grad-norm", config.clip_grad_norm)):  # 0: off
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name} must be 0 or more, got {value}")
     if config.aux_weight and config.freeze_backbone:
         raise UserError("--aux-weight trains the backbone faster; with --freeze-backbone it would change nothing")
     for name, value in (("epochs", config.epochs), ("lr", config.lr),
                         ("norm-bias-lr-scale", config.norm_bias_lr_scale)):
         if not math.isfinite(value) or value <= 0:
             raise UserError(f"--{name} must be a positive number, got {value}")
-    if not math.isfinite(config.clip_grad_norm) or config.clip_grad_norm < 0:
-        raise UserError(f"--clip-grad-norm must be 0 (off) or a positive number, got {config.clip_grad_norm}")
     if not 0 < config.warmup < 1:
         raise UserError(f"--warmup must be in (0, 1), got {config.warmup}")
     if not 0 <= config.val_split < 1:

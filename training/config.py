@@ -29,14 +29,15 @@ class TrainConfig:
     # loss spike near the peak (32 runs on an H200); at 0.6 (10 runs) and 0.5 (6) none did (RESULTS.md, issue 16).
     lr: float = 0.6
     # Fraction of the steps over which the learning rate climbs to its peak. README's 48-bit recipe uses 0.14 (the
-    # peak in epoch 2, not 4) with lr 0.4: no rise at the peak in 7 bf16 runs (one later spike: clip_grad_norm); at
+    # peak in epoch 2, not 4) with lr 0.4: no rise at the peak in 11 bf16 runs (one later spike: clip_grad_norm); at
     # lr 0.5 the short climb took away one seed's rise at the peak in bf16, but an fp32 run spiked in epoch 5
     # (RESULTS.md, issue 16).
     warmup: float = 0.23
     momentum: float = 0.85
     # Largest global gradient norm of a step (0: no limit). README's recipe uses 1: without it, one bf16 run in five
     # (seed 3, epoch 7) spiked as the backbone's gradient norm grew 0.9 -> 4.4 in four steps; the same batches
-    # with a cap of 1 do not spike (1.5 leaves a bump), and the norm's median is ~0.8 (RESULTS.md, issue 16).
+    # with a cap of 1 do not spike (1.5 leaves a bump), and the norm's median is ~0.8. With the cap the loss fell
+    # every epoch in 4 bf16 seeds of 4 and in fp32 (RESULTS.md, issue 16).
     clip_grad_norm: float = 0.0
     weight_decay: float = 1.5e-3  # per-step decay at batch 1024 divided by lr, scaled like lr
     norm_bias_lr_scale: float = 64.0

@@ -10,9 +10,11 @@ import json
 import re
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from engine.cli import bounded_int
 from engine.errors import run_cli
 from engine.record import read_record
 from training.errors import UserError, program_name
@@ -49,18 +51,24 @@ def format_table(query: str, results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+MAX_ID = 2**63 - 1  # ids are 63-bit (engine.record.item_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=program_name("engine.query"), description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", help="query image files (an indexed path is read from the catalog)")
     parser.add_argument("--catalog", required=True, help="catalog directory made by build-index")
-    parser.add_argument("--id", type=int, action="append", default=[], help="query with a catalog item id")
-    parser.add_argument("-k", type=int, default=10, help="results per query (default %(default)s)")
-    parser.add_argument("--pool", type=int, help="coarse candidates by Hamming distance (default 100*k)")
-    parser.add_argument("--radius", type=int, help="coarse pool = every code within this Hamming distance")
-    parser.add_argument("--nprobe", type=int, help="ivf catalogs: inverted lists each shard visits (more: higher "
-                        "recall, slower; default: 1/64 of them, at least 16, more for a pool that spans many lists; "
-                        "all of them: exact)")
+    parser.add_argument("--id", type=bounded_int(0, MAX_ID), action="append", default=[],
+                        help="query with a catalog item id")
+    parser.add_argument("-k", type=bounded_int(1), default=10, help="results per query (default %(default)s)")
+    parser.add_argument("--pool", type=bounded_int(1), help="coarse candidates by Hamming distance "
+                        "(default 100*k, at least 1000)")
+    parser.add_argument("--radius", type=bounded_int(0),
+                        help="coarse pool = every code within this Hamming distance (0 to the code length)")
+    parser.add_argument("--nprobe", type=bounded_int(1), help="ivf catalogs: inverted lists each shard visits "
+                        "(more: higher recall, slower; default: 1/64 of them, at least 16, more for a pool that spans "
+                        "many lists; all of them: exact)")
     parser.add_argument("--no-rerank", dest="rerank", action="store_false", help="rank by Hamming distance only")
     parser.add_argument("--label", action="append", default=[],
                         help="only items with this label (repeatable: any of them); exact, not a post-filter")
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="only items whose product metadata has FIELD equal to VALUE (repeatable: all of them)")
     parser.add_argument("--ray", metavar="ADDRESS", help="search the shards on Ray actors: 'local' starts a private "
                         "instance, 'auto' or HOST:PORT joins a cluster (results equal the in-process search)")
-    parser.add_argument("--shards-per-actor", type=int, default=1, help="with --ray (default %(default)s)")
+    parser.add_argument("--shards-per-actor", type=bounded_int(1), default=1, help="with --ray (default %(default)s)")
     parser.add_argument("--model", help="model directory (default: the one that built the catalog)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -78,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not args.images and not args.id:
             raise UserError("give at least one query image or --id")
-        if args.nprobe is not None and args.nprobe < 1:
-            raise UserError(f"--nprobe must be at least 1, got {args.nprobe}")
-        if args.shards_per_actor < 1:
-            raise UserError(f"--shards-per-actor must be at least 1, got {args.shards_per_actor}")
+        if not Path(args.catalog).is_dir():
+            raise UserError(f"--catalog {args.catalog}: no such folder (make one with build-index)")
         from engine.report import write_html
         from engine.search import Searcher
         from shards.filters import Filter

@@ -13,6 +13,7 @@ import torch
 from engine.encode import Encoder, load_encoder
 from engine.record import item_id, read_record
 from shards import Catalog, CatalogError, Hits
+from shards.ranking import pool_size
 from shards.filters import Filter, stored_label
 from training.errors import UserError
 from training.images import BadImage, load_image, load_image_bytes
@@ -38,6 +39,13 @@ class Timings:
     coarse: float = 0.0
     rerank: float = 0.0
     remote: float = 0.0  # both stages on Ray actors, in one round trip, when the shards are remote
+
+
+def unchanged_since_indexed(path: Path, meta: dict | None) -> bool:
+    """Whether a file still holds what the catalog indexed under its path (same size and mtime): a stored code
+    is only reused for the content it was computed from."""
+    status = path.stat()
+    return meta is not None and (meta.get("size"), meta.get("mtime_ns")) == (status.st_size, status.st_mtime_ns)
 
 
 class Searcher:
@@ -97,7 +105,7 @@ class Searcher:
         features = np.zeros((len(paths), self.catalog.manifest.feature_dim), np.float32)
         fresh = []
         for row, item in enumerate(stored):
-            if item is not None:
+            if item is not None and unchanged_since_indexed(paths[row], item.meta):
                 codes[row], features[row] = item.code, item.features
             else:
                 fresh.append(row)
@@ -120,10 +128,7 @@ class Searcher:
         """The two stages for codes (and features) already computed; `filter`: only items that pass it, exactly;
         `timings`: where to add the seconds per stage (default: this searcher's running totals); `nprobe`:
         inverted lists to visit per shard on an ivf catalog (`Catalog.coarse`)."""
-        if k < 1:
-            raise UserError(f"k must be at least 1, got {k}")
-        if pool is None and radius is None:
-            pool = 100 * k
+        pool = pool_size(k, pool, radius, self.catalog.manifest.bits)
         timings = timings if timings is not None else self.timings
         start = time.perf_counter()
         if rerank and features is not None and self.catalog.remote:
@@ -148,6 +153,7 @@ class Searcher:
                radius: int | None = None, rerank: bool = True, filter: Filter | None = None,
                nprobe: int | None = None) -> list[list[Result]]:
         """Search with image files; see `search_codes` for the stages."""
+        pool = pool_size(k, pool, radius, self.catalog.manifest.bits)  # bad arguments fail before any encoding
         codes, features = self.encode(images)
         return self.search_codes(codes, features, k, pool, radius, rerank, filter, nprobe=nprobe)
 

@@ -230,7 +230,7 @@ class RayCatalog:
         """`Catalog.search` in one round trip to each actor (`ShardGroup.search`): each answers with its coarse
         pool and the distances of the few items of its likely share that can rank; the pools merge exactly and
         the k nearest are taken among the merged pool's items. Results equal the in-process catalog's."""
-        pool = pool_size(k, pool, radius)
+        pool = pool_size(k, pool, radius, self.manifest.bits)
         if query_features is None:
             return [Hits(h.ids[:k], h.hamming[:k]) for h in self.coarse(query_codes, pool, radius, within, nprobe)]
         self._start_query(within)

@@ -68,8 +68,19 @@ def prefix_nearest(ids: np.ndarray, squared: np.ndarray, k: int) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def pool_size(k: int, pool: int | None, radius: int | None) -> int | None:
-    """The coarse pool a search for k results asks for: `pool`, or 100 * k when neither it nor a radius is given."""
+# The smallest default pool: a search for 1 result re-ranks the same candidates as one for 10, so its answer
+# heads that list (a pool of 100 * k alone lets the top result change with k).
+MIN_DEFAULT_POOL = 1000
+
+
+def pool_size(k: int, pool: int | None, radius: int | None, bits: int | None = None) -> int | None:
+    """The coarse pool a search for k results asks for: `pool`, or max(100 * k, MIN_DEFAULT_POOL) when neither it
+    nor a radius is given. Checks the arguments (a radius past the code length `bits` could only mean everything)."""
     if k < 1:
-        raise CatalogError(f"k must be >= 1, got {k}")
-    return 100 * k if pool is None and radius is None else pool
+        raise CatalogError(f"k must be at least 1, got {k}")
+    if pool is not None and pool < 1:
+        raise CatalogError(f"pool must be at least 1, got {pool}")
+    if radius is not None and not 0 <= radius <= (bits if bits is not None else radius):
+        raise CatalogError(f"radius must be between 0 and the code length ({bits} bits), got {radius}"
+                           if bits is not None else f"radius must be at least 0, got {radius}")
+    return max(100 * k, MIN_DEFAULT_POOL) if pool is None and radius is None else pool

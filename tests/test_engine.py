@@ -209,9 +209,9 @@ def test_ivf_catalog_answers_like_the_flat_one_when_every_list_is_probed(built, 
 
 @pytest.mark.parametrize("module, args, message", [
     ("engine.build_index", ["/no/such/dir", "--model", "M", "--catalog", "C"], "does not exist"),
-    ("engine.query", ["--catalog", "/no/such/catalog", "x.png"], "manifest.json: missing"),
+    ("engine.query", ["--catalog", "/no/such/catalog", "x.png"], "/no/such/catalog: no such folder"),
     ("engine.export", ["--import", "/no/such.h5", "--catalog", "C"], "no such HDF5 file"),
-    ("engine.query", ["--catalog", "C", "--nprobe", "0", "x.png"], "--nprobe must be at least 1"),
+    ("engine.query", ["--catalog", "C", "--nprobe", "0", "x.png"], "argument --nprobe: must be at least 1"),
     ("engine.build_index", ["/tmp", "--model", "M", "--catalog", "C", "--index", "lsh"], "invalid choice: 'lsh'"),
 ])
 def test_cli_errors_are_one_line(module, args, message, cli_env, tmp_path):

@@ -1,0 +1,39 @@
+"""Argument types shared by the engine's command lines: a bad number is refused by argparse in one line, before
+torch or Faiss load, instead of surfacing later as an internal name or a traceback."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+
+def _within(value: float, low: float, high: float | None) -> None:
+    if value < low or high is not None and value > high:
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        _within(value, low, high)
+        return value
+    return parse
+
+
+def bounded_float(low: float, high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (nan and inf are refused)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        _within(value, low, high)
+        return value
+    return parse

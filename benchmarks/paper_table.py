@@ -5,7 +5,7 @@
   python benchmarks/paper_table.py --data ../shared/data/cifar-10-batches-py --bits 12 32 48 --models runs/ \\
       --methods latent lsh itq itq-cca ksh cnnh cnnh+ --features gist backbone
 
-Protocol (DESIGN.md section 1): queries = the test set, database = the training set, both in their original
+Protocol (docs/ARCHITECTURE.md, "Evaluation protocol"): queries = the test set, database = the training set, both in their original
 order; Hamming ranking with ties by database order; AP normalised by the relevant items found in the top K.
 
 Methods: `latent` is the paper's latent layer; `lsh`, `itq`, `itq-cca`, `ksh` hash features after the fact
@@ -36,7 +36,7 @@ from training.train import TrainConfig, train
 NETWORKS = ("latent", "cnnh", "cnnh+")
 METHODS = ("latent", *HASHERS, "cnnh", "cnnh+")
 # Lin et al. 2015, Table 1 (CIFAR-10 mAP). Only their own row was measured by them; the baseline rows were
-# copied from Xia et al. (AAAI 2014), who used another split and protocol (DESIGN.md section 1).
+# copied from Xia et al. (AAAI 2014), who used another split and protocol (docs/ARCHITECTURE.md, "Evaluation protocol").
 PAPER_CIFAR10 = {
     "latent": {12: 0.8930, 32: 0.8972, 48: 0.8973},
     "cnnh+": {12: 0.465, 32: 0.521, 48: 0.532},

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from engine.errors import run_cli
 from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, item_metadata, label_of,
                            read_metadata_file, read_record, regular_file_status, write_record)
 from shards.codes import MAX_BITS
 from shards.index import INDEX_TYPES, describe_index_types
-from training.errors import UserError, program_name
+from training.collapse import SAMPLE as SPREAD_SAMPLE, CodeSpread, code_spread
+from engine.cli import program_name, run_cli
+from engine.errors import InputError
 from training.hashers import SUPERVISED, fit_hasher, save_hasher
 from training.images import list_images
 
@@ -48,6 +49,7 @@ class BuildSummary:
     steady_images_per_second: float = 0.0  # after the first batch: the pipeline's rate, start-up excluded
     failures: list[dict] = field(default_factory=list)
     metadata_unmatched: list[dict] = field(default_factory=list)  # --metadata lines with no usable image
+    codes: dict | None = None  # training.collapse.CodeSpread of the images indexed by this run
 
 
 def open_or_create_catalog(catalog_dir: Path, encoder: Encoder, shards: int, index: str) -> Catalog:
@@ -57,7 +59,7 @@ def open_or_create_catalog(catalog_dir: Path, encoder: Encoder, shards: int, ind
         catalog = Catalog.open(catalog_dir, readonly=False, model_fingerprint=encoder.fingerprint)
         if catalog.bits != encoder.bits or catalog.manifest.feature_dim != encoder.feature_dim:
             catalog.close()
-            raise UserError(f"catalog {catalog_dir} holds {catalog.bits}-bit codes with "
+            raise InputError(f"catalog {catalog_dir} holds {catalog.bits}-bit codes with "
                             f"{catalog.manifest.feature_dim}-d features; the encoder makes {encoder.bits} bits, "
                             f"{encoder.feature_dim}-d")
         return catalog
@@ -78,7 +80,7 @@ def fit_code_maker(model, method: str, bits: int, files: list[Path], root: Path,
     sample = [files[p] for p in picked]
     labels = [label_of(f, root) for f in sample]
     if method in SUPERVISED and None in labels:
-        raise UserError(f"--codes {method} is supervised: put the images in one subfolder per class")
+        raise InputError(f"--codes {method} is supervised: put the images in one subfolder per class")
     features, kept = [], []
     bar = tqdm(total=len(sample), desc=f"fitting {method}: encoding", unit="img", disable=not progress)
     with torch.inference_mode():
@@ -105,14 +107,14 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     started = time.perf_counter()
     root = Path(image_dir).resolve()
     if not root.is_dir():
-        raise UserError(f"image directory {image_dir} does not exist or is not a directory")
+        raise InputError(f"image directory {image_dir} does not exist or is not a directory")
     for name, value in (("shards", shards), ("batch size", batch_size), ("fit samples", fit_samples)):
         if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
+            raise InputError(f"{name} must be at least 1, got {value}")
     if code_bits is not None and not 1 <= code_bits <= MAX_BITS:
-        raise UserError(f"code bits must be in [1, {MAX_BITS}], got {code_bits}")
+        raise InputError(f"code bits must be in [1, {MAX_BITS}], got {code_bits}")
     if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"{model_dir} is not a latenthash model directory (no config.json)")
+        raise InputError(f"{model_dir} is not a latenthash model directory (no config.json)")
     if ray is not None:  # first: Ray's processes start while this one loads torch and the model
         from shards.cluster import connect
 
@@ -128,7 +130,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
 
     listed = list_images(root)
     if not listed:
-        raise UserError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
+        raise InputError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
     files, stats, bad_entries = _regular_files(listed)
     products, unmatched = read_metadata_file(metadata, root) if metadata is not None else ({}, [])
     catalog_dir = Path(catalog_dir)
@@ -136,13 +138,13 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     if record is not None:
         recorded = record.codes
         if codes not in (None, recorded):
-            raise UserError(f"catalog {catalog_dir} holds {recorded} codes; it cannot take --codes {codes} "
+            raise InputError(f"catalog {catalog_dir} holds {recorded} codes; it cannot take --codes {codes} "
                             "(build a new catalog for other codes)")
         encoder = load_encoder(catalog_dir, model_dir, device)
     else:
         codes = codes or "latent"
         if codes not in CODES:
-            raise UserError(f"--codes must be one of {', '.join(CODES)}, not '{codes}'")
+            raise InputError(f"--codes must be one of {', '.join(CODES)}, not '{codes}'")
         model = load_model(model_dir, device=pick_device(device))
         encoder = Encoder(model)
         if codes != "latent":
@@ -178,13 +180,18 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         todo_files = [files[p] for p in todo]
         bar = tqdm(total=len(todo_files), desc="indexing", unit="img", disable=not progress)
         encode_start, first_batch = time.perf_counter(), 0  # first_batch: the files in the first batch back
+        new_codes, new_labels = [], []  # for the check that the codes tell the images apart
         with torch.inference_mode():
             for batch in _encoded(encoder, todo_files, batch_size, workers, ray):
                 positions = [todo[p] for p in batch.positions]
-                metas = [item_metadata(files[p], label_of(files[p], root), stats[p], products.get(files[p].resolve()))
-                         for p in positions]
+                labels = [label_of(files[p], root) for p in positions]
+                metas = [item_metadata(files[p], label, stats[p], products.get(files[p].resolve()))
+                         for p, label in zip(positions, labels)]
                 if positions:
                     catalog.add(ids[positions], batch.codes, batch.features, metas)
+                    if len(new_labels) < SPREAD_SAMPLE:
+                        new_codes.append(batch.codes)
+                        new_labels += labels
                 if not first_batch:
                     summary.first_batch_seconds = time.perf_counter() - encode_start
                     first_batch = len(batch.positions) + len(batch.failures)
@@ -195,6 +202,8 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
                 bar.set_postfix(img_s=f"{rate:.0f}", failed=len(summary.failures))
         bar.close()
     summary.failed = len(summary.failures)
+    if new_codes:
+        summary.codes = asdict(code_spread(np.concatenate(new_codes), encoder.bits, new_labels))
     summary.seconds = round(time.perf_counter() - started, 2)
     if todo_files:
         encoding = time.perf_counter() - encode_start
@@ -284,14 +293,20 @@ def main(argv: list[str] | None = None) -> int:
         summary = build_index(args.image_dir, args.model, args.catalog, args.shards, args.index, args.batch_size,
                               args.workers, args.device, args.prune, codes=args.codes, code_bits=args.code_bits,
                               fit_samples=args.fit_samples, metadata=args.metadata, ray=args.ray)
+        spread = CodeSpread(**summary.codes) if summary.codes is not None else None
+        distinct = f"; {spread.distinct} distinct codes among {spread.images} new" if spread is not None else ""
         print(f"indexed {summary.indexed}, unchanged {summary.unchanged}, re-indexed {summary.reindexed}, "
               f"pruned {summary.pruned}, failed {summary.failed} of {summary.found} images in "
-              f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} img/s)")
+              f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} img/s){distinct}")
         if summary.failed:
             print(f"failed files are listed in {Path(args.catalog) / REPORT_FILE}", file=sys.stderr)
         if summary.metadata_unmatched:
             print(f"{len(summary.metadata_unmatched)} --metadata lines matched no image; they are listed in "
                   f"{Path(args.catalog) / REPORT_FILE}", file=sys.stderr)
+        if spread is not None and spread.collapsed:
+            print(f"warning: the codes cannot tell these images apart ({spread.describe()}): searches will rank "
+                  "them alike; retrain the model for more steps, or from trained weights (training.train "
+                  "--pretrained or --weights)", file=sys.stderr)
         return 0
 
     return run_cli(body)

@@ -1,10 +1,19 @@
-"""Argument types shared by the engine's command lines: a bad number is refused by argparse in one line, before
-torch or Faiss load, instead of surfacing later as an internal name or a traceback."""
+"""The engine commands' edge: errors of every layer printed as one line (`run_cli`), and argument types that refuse a
+bad number in one line before torch or Faiss load, instead of surfacing later as an internal name or a traceback."""
 from __future__ import annotations
 
 import argparse
 import math
 from typing import Callable
+
+from engine.errors import USER_ERRORS
+from training.cli import STORAGE_ERRORS, program_name  # noqa: F401  (the engine's commands name themselves alike)
+from training.cli import run_cli as _run_cli
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """`training.cli.run_cli` for engine commands, whose users' errors come from every layer."""
+    return _run_cli(body, USER_ERRORS)
 
 
 def _within(value: float, low: float, high: float | None) -> None:

@@ -14,12 +14,29 @@ from pathlib import Path
 import numpy as np
 
 from engine.build_index import build_index
-from engine.errors import run_cli
-from training.errors import program_name
+from engine.cli import program_name, run_cli
+from engine.errors import InputError
 from engine.query import format_table
 from engine.record import read_record
 from engine.synthetic import CLASSES, make_image_folder
 from training.train import TrainConfig, train
+
+
+MARKER = ".latenthash-demo"  # written into the demo's folder: the one folder a later demo may replace
+
+
+def prepare_folder(out: Path) -> None:
+    """An empty `out` for the demo: a folder an earlier demo made is replaced, any other folder with something
+    in it is refused (`--out ~/photos` must not delete the photos)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise InputError(f"--out {out} already holds files that the demo did not make; the demo replaces only "
+                            "a folder it made itself: give a new or empty folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by latenthash-demo; a later demo run with this --out replaces this folder\n")
 
 
 def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, bits: int, backbone: str,
@@ -29,8 +46,7 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
     from engine.search import Searcher
 
     started = time.perf_counter()
-    if out.exists():
-        shutil.rmtree(out)
+    prepare_folder(out)
     images, queries = out / "images", out / "queries"
     print(f"1/4 drawing {per_class * len(CLASSES)} catalog images and {queries_per_class * len(CLASSES)} "
           f"held-out queries in {len(CLASSES)} classes under {out}")
@@ -39,7 +55,7 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
 
     print(f"2/4 training {backbone} with a {bits}-bit latent layer for {epochs:g} epochs")
     summary = train(TrainConfig(data=str(images), out=str(out / "model"), backbone=backbone, bits=bits,
-                                epochs=epochs, batch_size=128, val_split=0.1, seed=seed, tta=False))
+                                epochs=epochs, val_split=0.1, seed=seed, tta=False))
 
     print("3/4 build-index")
     build = build_index(images, out / "model", out / "catalog", shards=2, batch_size=256)
@@ -78,18 +94,38 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+EXAMPLES = """examples:
+  latenthash-demo                                   # ten classes, 300 images each, into ./latenthash-demo
+  python -m engine.demo --out /tmp/latenthash-demo --epochs 4
+  python -m engine.demo --per-class 40 --queries-per-class 3 --epochs 4 --bits 24   # a quick look, under a minute
+  python -m engine.demo --backbone cifar_convnet --bits 12 --seed 1
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's options, each described: the demo is where a newcomer starts."""
     parser = argparse.ArgumentParser(prog=program_name("engine.demo"), description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="example:\n  python -m engine.demo --out /tmp/latenthash-demo --epochs 4")
-    parser.add_argument("--out", default="latenthash-demo", help="output directory, replaced (default %(default)s)")
-    parser.add_argument("--per-class", type=int, default=300, help="catalog images per class (default %(default)s)")
-    parser.add_argument("--queries-per-class", type=int, default=10)
-    parser.add_argument("--epochs", type=float, default=6)
-    parser.add_argument("--bits", type=int, default=48)
-    parser.add_argument("--backbone", default="cifar_convnet_small")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    parser.add_argument("--out", default="latenthash-demo",
+                        help="folder for the images, model, catalog and results page: new, empty, or one an earlier "
+                        "demo made (which is replaced); any other folder is refused (default %(default)s)")
+    parser.add_argument("--per-class", type=int, default=300,
+                        help="catalog images drawn per class, ten classes; the model trains on them "
+                        "(default %(default)s)")
+    parser.add_argument("--queries-per-class", type=int, default=10,
+                        help="held-out query images per class, never trained on nor indexed (default %(default)s)")
+    parser.add_argument("--epochs", type=float, default=6,
+                        help="training passes over the catalog images (default %(default)s)")
+    parser.add_argument("--bits", type=int, default=48, help="code length of the model (default %(default)s)")
+    parser.add_argument("--backbone", default="cifar_convnet_small",
+                        help="timm model name of the backbone (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the drawn images and of training (default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_cli(lambda: run_demo(Path(args.out), args.per_class, args.queries_per_class, args.epochs, args.bits,
                                     args.backbone, args.seed) and 0)
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from engine.record import code_maker_file, read_record
-from training.errors import UserError
+from engine.errors import InputError
 from training.hashers import FeatureHasher, load_hasher
 from training.images import BadImage, load_image
 from training.model import HashingNet, load_model, pick_device
@@ -128,7 +128,7 @@ def load_encoder(catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | 
     model_dir = model_dir or (record.model_dir if record is not None else None)
     if model_dir is None:
         made_by = f"its codes were made by {record.model_description()}; " if record is not None else ""
-        raise UserError(f"{catalog_dir} records no model directory ({made_by}pass --model MODEL_DIR, or record it "
+        raise InputError(f"{catalog_dir} records no model directory ({made_by}pass --model MODEL_DIR, or record it "
                         "with engine.export --import FILE --model MODEL_DIR)")
     model = load_model(model_dir, device=pick_device(device))
     maker = code_maker_file(catalog_dir, record) if record is not None else None

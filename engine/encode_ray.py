@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.encode import EncodedBatch, Encoder, encode_file_batch
 from shards.cluster import connect
-from training.errors import UserError
+from engine.errors import InputError
 
 
 class _EncodeActor:
@@ -58,7 +58,7 @@ def pool_size(actors: int | None) -> tuple[int, str]:
     device = "cuda" if gpus else "cpu"
     if actors is not None:
         if actors < 1:
-            raise UserError(f"the Ray actor pool needs at least one actor, got {actors}")
+            raise InputError(f"the Ray actor pool needs at least one actor, got {actors}")
         return actors, device
     return max(1, gpus or cpus), device
 

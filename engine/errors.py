@@ -1,13 +1,18 @@
-"""How the engine's command-line entry points report a user's mistake: one line on stderr, a non-zero exit."""
+"""The engine layer's errors, and which errors of every layer are a user's to fix (shown as one line)."""
 from __future__ import annotations
 
-from typing import Callable
-
 from shards.errors import CatalogError
-from training.errors import UserError
-from training.errors import run_cli as _run_cli
+from training.errors import TrainingError
 
 
-def run_cli(body: Callable[[], int]) -> int:
-    """`training.errors.run_cli` for engine commands, whose user errors also come from the catalog."""
-    return _run_cli(body, (UserError, CatalogError))
+class EngineError(Exception):
+    """Base of the engine layer's errors: a query, build or import that cannot go on as asked."""
+
+
+class InputError(EngineError, ValueError):
+    """Bad input to the engine (a query image that is not there, metadata that is not JSON), in one line.
+    A ValueError, so that `except ValueError` catches every layer's bad input."""
+
+
+# What the command lines print as `error: ...` and the service answers as a client or catalog problem
+USER_ERRORS: tuple[type[Exception], ...] = (EngineError, TrainingError, CatalogError)

@@ -14,10 +14,9 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from engine.cli import bounded_int
-from engine.errors import run_cli
+from engine.cli import bounded_int, program_name, run_cli
 from engine.record import read_record
-from training.errors import UserError, program_name
+from engine.errors import InputError
 
 if TYPE_CHECKING:
     from engine.search import Result
@@ -85,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         if not args.images and not args.id:
-            raise UserError("give at least one query image or --id")
+            raise InputError("give at least one query image or --id")
         if not Path(args.catalog).is_dir():
-            raise UserError(f"--catalog {args.catalog}: no such folder (make one with build-index)")
+            raise InputError(f"--catalog {args.catalog}: no such folder (make one with build-index)")
         from engine.report import write_html
         from engine.search import Searcher
         from shards.filters import Filter

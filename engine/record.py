@@ -13,8 +13,9 @@ import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from engine.metadata import parse_product_metadata
 from shards.errors import CatalogError
-from training.errors import UserError
+from engine.errors import InputError
 from training.hashers import HASHERS
 
 ENGINE_FILE = "engine.json"
@@ -138,24 +139,6 @@ def regular_file_status(path: str | os.PathLike) -> os.stat_result:
     return status
 
 
-MAX_METADATA_BYTES = 64 << 10
-
-
-def product_metadata(text: str | None, where: str = "metadata") -> dict | None:
-    """A product's free-form metadata (SKU, title, price, URL, ...) from JSON text: an object, at most 64 KiB."""
-    if text is None or text == "":
-        return None
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
-        raise UserError(f"{where}: over {MAX_METADATA_BYTES >> 10} KiB")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{where}: not JSON ({error})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{where}: must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def read_metadata_file(file: str | os.PathLike, root: Path) -> tuple[dict[Path, dict], list[dict]]:
     """Product metadata per image from a JSON-lines file (one object per line with a `path` relative to `root`):
     {resolved image path: the object without `path`}, and a report entry for each line that cannot be used."""
@@ -163,16 +146,16 @@ def read_metadata_file(file: str | os.PathLike, root: Path) -> tuple[dict[Path, 
     try:
         lines = Path(file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read --metadata file {file}: {error}") from None
+        raise InputError(f"cannot read --metadata file {file}: {error}") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = product_metadata(line, f"{file} line {number}")
+            row = parse_product_metadata(line, f"{file} line {number}")
             relative = row.pop("path", None) if row is not None else None
             if not isinstance(relative, str) or not relative:
-                raise UserError(f"{file} line {number}: no \"path\" string")
-        except UserError as error:
+                raise InputError(f"{file} line {number}: no \"path\" string")
+        except InputError as error:
             problems.append(dict(line=number, error=str(error)))
             continue
         path = (root / relative).resolve()

@@ -6,18 +6,19 @@ import html
 import io
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from PIL import Image
 
 from typing import TYPE_CHECKING
 
 from engine.record import item_image
+from training.images import MAX_PIXELS
 
 if TYPE_CHECKING:
     from engine.search import Result
 
 THUMBNAIL = 96
-PRODUCT_FIELDS = ("title", "price")  # product metadata shown under a result, where an item has them
 
 
 def thumbnail_uri(path: str | os.PathLike | None) -> str | None:
@@ -26,6 +27,9 @@ def thumbnail_uri(path: str | os.PathLike | None) -> str | None:
     try:
         with Image.open(path) as image:
             image.seek(0)
+            image.draft("RGB", (THUMBNAIL * 2, THUMBNAIL * 2))  # a JPEG decodes at a reduced scale
+            if image.width * image.height > MAX_PIXELS:  # as the search refuses it: no thumbnail
+                return None
             image = image.convert("RGB")
             image.thumbnail((THUMBNAIL * 2, THUMBNAIL * 2))
             buffer = io.BytesIO()
@@ -33,6 +37,21 @@ def thumbnail_uri(path: str | os.PathLike | None) -> str | None:
     except (OSError, ValueError):
         return None
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def product_html(metadata: dict | None) -> str:
+    """The product fields a shop has (title or name, price, SKU, its page as a link), each on its own line, as
+    escaped HTML. Only an http(s) URL becomes a link: metadata is data anyone can import."""
+    metadata = metadata or {}
+    lines = [html.escape(str(value)) for value in (metadata.get("title", metadata.get("name")),
+                                                     metadata.get("price")) if value is not None]
+    if metadata.get("sku") is not None:
+        lines.append(f"SKU {html.escape(str(metadata['sku']))}")
+    url = metadata.get("url")
+    if isinstance(url, str) and urlsplit(url).scheme.lower() in ("http", "https") and urlsplit(url).hostname:
+        lines.append(f'<a href="{html.escape(url)}" rel="noopener noreferrer">'
+                     f"{html.escape(urlsplit(url).hostname)}</a>")
+    return "".join(f"<br>{line}" for line in lines)
 
 
 def _figure(path: str | os.PathLike | None, caption: str, kind: str = "") -> str:
@@ -61,19 +80,18 @@ def write_html(file: str | os.PathLike, queries: list[str], results: list[list[R
             distance = f"{r.distance:.3f}" if r.distance is not None else "&ndash;"
             label = html.escape(str(r.label)) if r.label is not None else ""
             other = query_label is not None and r.label is not None and str(r.label) != query_label
-            product = "".join(f"<br>{html.escape(str(r.metadata[k]))}" for k in PRODUCT_FIELDS
-                              if r.metadata and r.metadata.get(k) is not None)
             cells.append(_figure(item_image(r.path, image_roots),
-                                 f"#{r.rank} {label}{product}<br>ham {r.hamming} &middot; L2 {distance}",
-                                 "other" if other else ""))
+                                 f"#{r.rank} {label}{product_html(r.metadata)}<br>ham {r.hamming} &middot; L2 "
+                                 f"{distance}", "other" if other else ""))
         rows.append(f'<section><h2>{html.escape(query)}</h2><div class="row">{"".join(cells)}</div></section>')
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }}
-h1 {{ font-size: 1.3rem; }} h2 {{ font-size: .9rem; font-weight: normal; color: #555; }}
+h1 {{ font-size: 1.3rem; }} h2 {{ font-size: .9rem; font-weight: normal; color: #555; overflow-wrap: anywhere; }}
 .row {{ display: flex; flex-wrap: wrap; gap: .6rem; }}
 figure {{ margin: 0; width: {THUMBNAIL}px; font-size: .72rem; text-align: center; }}
+figcaption {{ overflow-wrap: anywhere; }}
 figure:first-child {{ outline: 3px solid #2a7; }}
 figure.other img, figure.other .missing {{ outline: 3px solid #d33; }}
 figure.other figcaption {{ color: #b00; }}

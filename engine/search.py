@@ -12,10 +12,10 @@ import torch
 
 from engine.encode import Encoder, load_encoder
 from engine.record import item_id, read_record
-from shards import Catalog, CatalogError, Hits
-from shards.ranking import pool_size
+from shards import Catalog, CatalogError, CatalogReader, Hits, StageTimings
 from shards.filters import Filter, stored_label
-from training.errors import UserError
+from shards.ranking import pool_size
+from engine.errors import InputError
 from training.images import BadImage, load_image, load_image_bytes
 
 
@@ -31,14 +31,11 @@ class Result:
 
 
 @dataclass
-class Timings:
-    """Seconds spent per stage for the whole batch of queries."""
+class Timings(StageTimings):
+    """Seconds spent per stage for the whole batch of queries: the catalog's search stages, and the images'."""
 
     decode: float = 0.0
     encode: float = 0.0
-    coarse: float = 0.0
-    rerank: float = 0.0
-    remote: float = 0.0  # both stages on Ray actors, in one round trip, when the shards are remote
 
 
 def unchanged_since_indexed(path: Path, meta: dict | None) -> bool:
@@ -49,7 +46,8 @@ def unchanged_since_indexed(path: Path, meta: dict | None) -> bool:
 
 
 class Searcher:
-    """Two-stage search over a catalog: Hamming pool, then Euclidean re-ranking on stored features.
+    """Two-stage search over a catalog: the model that makes query codes, and the catalog's read contract
+    (`shards.reader.CatalogReader`), in this process or on Ray actors: one search path for both.
 
     The model (and code maker) are the ones the catalog was built with, as recorded in the catalog, unless
     `model_dir` is given.
@@ -63,6 +61,7 @@ class Searcher:
         (`shards.cluster`) at this address (`local`, `auto` or HOST:PORT), `shards_per_actor` each; results
         equal the in-process catalog's."""
         self.catalog_dir = Path(catalog_dir)
+        self.catalog: CatalogReader
         if ray is None:
             self.catalog = Catalog.open(self.catalog_dir, readonly=True, threads=threads)
         else:
@@ -95,11 +94,11 @@ class Searcher:
         paths = [Path(p).resolve() for p in images]
         folders = [str(p) for p in paths if p.is_dir()]
         if folders:
-            raise UserError(f"{', '.join(folders)}: a folder; give image files to query with (build-index "
+            raise InputError(f"{', '.join(folders)}: a folder; give image files to query with (build-index "
                             "indexes folders)")
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise UserError(f"query image not found: {', '.join(missing)}")
+            raise InputError(f"query image not found: {', '.join(missing)}")
         stored = self.catalog.get(np.array([item_id(p) for p in paths], dtype=np.int64))
         codes = np.zeros((len(paths), self.catalog.manifest.layout.code_bytes), np.uint8)
         features = np.zeros((len(paths), self.catalog.manifest.feature_dim), np.float32)
@@ -115,7 +114,7 @@ class Searcher:
             try:
                 batch = torch.stack([load_image(paths[row], size) for row in fresh])
             except BadImage as error:
-                raise UserError(f"cannot read query image: {error}") from error
+                raise InputError(f"cannot read query image: {error}") from error
             decoded = time.perf_counter()
             codes[fresh], features[fresh] = self.encoder.encode(batch)
             self.timings.decode += decoded - start
@@ -125,24 +124,12 @@ class Searcher:
     def search_codes(self, codes: np.ndarray, features: np.ndarray | None, k: int = 10, pool: int | None = None,
                      radius: int | None = None, rerank: bool = True, filter: Filter | None = None,
                      timings: Timings | None = None, nprobe: int | None = None) -> list[list[Result]]:
-        """The two stages for codes (and features) already computed; `filter`: only items that pass it, exactly;
-        `timings`: where to add the seconds per stage (default: this searcher's running totals); `nprobe`:
-        inverted lists to visit per shard on an ivf catalog (`Catalog.coarse`)."""
-        pool = pool_size(k, pool, radius, self.catalog.manifest.bits)
-        timings = timings if timings is not None else self.timings
-        start = time.perf_counter()
-        if rerank and features is not None and self.catalog.remote:
-            hits = self.catalog.search(codes, features, k, pool, radius, nprobe, filter or None)
-            timings.remote += time.perf_counter() - start
-            return [self._results(h) for h in hits]
-        candidates = self.catalog.coarse(codes, m=pool, radius=radius, within=filter or None, nprobe=nprobe)
-        coarse_done = time.perf_counter()
-        if rerank and features is not None:
-            hits = self.catalog.rerank(features, candidates, k)
-        else:
-            hits = [Hits(h.ids[:k], h.hamming[:k]) for h in candidates]
-        timings.coarse += coarse_done - start
-        timings.rerank += time.perf_counter() - coarse_done
+        """The two stages (`CatalogReader.search`) for codes (and features) already computed; `rerank`: False
+        for Hamming order alone; `filter`: only items that pass it, exactly; `timings`: where to add the seconds
+        per stage (default: this searcher's running totals); `nprobe`: inverted lists to visit per shard on an
+        ivf catalog."""
+        hits = self.catalog.search(codes, features if rerank else None, k, pool, radius, nprobe, filter,
+                                   timings if timings is not None else self.timings)
         return [self._results(h) for h in hits]
 
     def decode_bytes(self, images: Sequence[bytes]) -> torch.Tensor:
@@ -163,7 +150,7 @@ class Searcher:
         items = self.catalog.get(np.asarray(ids, dtype=np.int64))
         missing = [i for i, item in zip(ids, items) if item is None]
         if missing:
-            raise UserError(f"ids not in the catalog: {missing[:10]}")
+            raise InputError(f"ids not in the catalog: {missing[:10]}")
         codes = np.stack([item.code for item in items])
         features = np.stack([item.features for item in items])
         return self.search_codes(codes, features, k, pool, radius, rerank, filter, nprobe=nprobe)

@@ -1,10 +1,13 @@
 """Check a catalog in full, like fsck: `python -m engine.verify --catalog DIR`.
 
-Reads every item record and checks its code and feature row against the checksum stored with it, its metadata,
-and each shard's search index against its items; the manifest is checked against every shard's layout record
-on open. Exit status 0: no damage; 1: damage found (each damaged item is listed); 2: not a catalog.
-`--repair` finishes an interrupted batch's rollback, rebuilds search indices from the items and deletes damaged
-items, so that re-running build-index encodes their images again.
+Reads every item record and checks its code and feature row against the checksum stored with it, that its
+features are finite, its metadata, each shard's counters and search index against its items, a journal left by
+a killed writer, and engine.json with the model it names against the manifest's fingerprint; the manifest is
+checked against every shard's layout record on open. Exit status 0: no damage (or all of it repaired); 1: damage
+found or left (each problem is listed); 2: not a catalog.
+`--repair` finishes an interrupted batch's rollback, rewrites damaged shard counters from the records, rebuilds
+search indices from the items and deletes damaged items, so that re-running build-index encodes their images
+again. A shard whose data file is lost is started again empty, and its loss reported (exit status 1).
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import run_cli
-from training.errors import program_name
+from engine.uploads import UPLOADS, orphan_uploads, remove_uploads
+from engine.cli import program_name, run_cli
 from shards.errors import CatalogError
 
 
@@ -34,32 +37,100 @@ class Report:
     items: int = 0
     findings: list[Finding] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    unrepaired: int = 0  # findings still true after this run (all of them without --repair)
 
 
 def verify_catalog(catalog_dir: str | os.PathLike, repair: bool = False) -> Report:
     """Every problem found in the catalog; with `repair`, what was done about them."""
-    from shards.catalog import Catalog, Manifest
+    from shards.catalog import Catalog
+    from shards.journal import JOURNAL
+    from shards.manifest import Manifest
 
-    Manifest.read(Path(catalog_dir))  # not a catalog at all: the caller's mistake, raised as is
-    report = Report()
+    path = Path(catalog_dir)
+    manifest = Manifest.read(path)  # not a catalog at all: the caller's mistake, raised as is
+    report = Report(findings=_engine_findings(path, manifest.model_fingerprint))
+    kept = len(report.findings)  # what --repair cannot fix: the model is the user's to restore
+    cut_short = os.path.lexists(path / JOURNAL)
     try:
-        catalog = Catalog.open(catalog_dir, readonly=not repair)
+        catalog = Catalog.open(path, readonly=not repair, repair=repair)
     except CatalogError as error:
         report.findings.append(Finding("catalog", None, str(error)))
+        report.unrepaired = len(report.findings)
         return report
     with catalog:
         report.items = len(catalog)
-        report.findings = [Finding(*finding) for finding in catalog.verify()]
-        if repair and report.findings:
-            damaged = np.array([f.id for f in report.findings if f.id is not None], dtype=np.int64)
+        _report_repairs_on_open(catalog, report, cut_short and not os.path.lexists(path / JOURNAL))
+        kept += len(catalog.lost)
+        found = [Finding(*finding) for finding in catalog.verify()]
+        report.findings += found
+        orphans = orphan_uploads(path, catalog)  # before damaged items go: their photos are kept
+        if orphans:
+            report.findings.append(Finding(UPLOADS, None, f"{len(orphans)} photos belong to no item (an add or a "
+                                                          f"delete was cut short), e.g. {orphans[0].name}"))
+            if repair:
+                report.repaired.append(remove_uploads(orphans))
+        if repair and (found or catalog.repairs):
+            damaged = np.array([f.id for f in found if f.id is not None], dtype=np.int64)
             if len(damaged):
                 catalog.delete(damaged)
                 report.repaired.append(f"deleted {len(damaged)} damaged items: re-run build-index to encode them "
                                        "again")
-            for shard in catalog.shards:
-                shard.rebuild_index()
+            catalog.rebuild_indices()
             report.repaired.append("rebuilt every shard's search index from its items")
+    report.unrepaired = kept if repair else len(report.findings)
     return report
+
+
+def _report_repairs_on_open(catalog, report: Report, rolled_back: bool) -> None:
+    """What a repairing open did before anything could be checked: shards started again, counters rewritten,
+    a cut-short batch rolled back."""
+    from shards.journal import JOURNAL
+
+    for number, held in catalog.lost.items():
+        folder = f"shard-{number:04d}"
+        report.findings.append(Finding(folder, None, f"its data file is missing ({held}): those items are lost"))
+        report.repaired.append(f"started {folder} again empty, so the catalog opens: restore its data.mdb from a "
+                               "backup, or re-run build-index (or the import) to add its items again")
+    for folder, problem in catalog.repairs:
+        report.findings.append(Finding(folder, None, problem))
+    if catalog.repairs:
+        report.repaired.append("rewrote the damaged shard counters from the feature blocks")
+    if rolled_back:
+        report.findings.append(Finding(JOURNAL, None, "a batch cut short was still to be rolled back"))
+        report.repaired.append("rolled back the batch cut short")
+
+
+def _engine_findings(path: Path, fingerprint: str | None) -> list[Finding]:
+    """What queries on new images need besides the items: engine.json, the model it names, and that model (with
+    the code maker) being the one the manifest says made the codes."""
+    from engine.record import ENGINE_FILE, read_record
+    from shards.manifest import MANIFEST
+
+    try:
+        record = read_record(path)
+    except CatalogError as error:
+        return [Finding(ENGINE_FILE, None, str(error))]
+    if record is None:
+        if fingerprint is None:  # codes from elsewhere, never tied to a model: nothing to find
+            return []
+        return [Finding(ENGINE_FILE, None, f"missing: queries on new images cannot find model {fingerprint}, "
+                                           "which made the codes; re-run build-index with --model to record it")]
+    if record.model_dir is None:
+        if fingerprint is not None and fingerprint.split("+")[0] != record.model_fingerprint:
+            return [Finding(MANIFEST, None, f"model fingerprint {fingerprint}, but engine.json says the codes "
+                                                   f"were made by {record.model_description()}")]
+        return []
+    from engine.encode import load_encoder  # torch: only for a catalog that names its model
+    from engine.errors import USER_ERRORS
+
+    try:
+        made_by = load_encoder(path, device="cpu").fingerprint
+    except (*USER_ERRORS, OSError) as error:
+        return [Finding(ENGINE_FILE, None, f"its model cannot be loaded: {error}")]
+    if made_by != fingerprint:
+        return [Finding(MANIFEST, None, f"model fingerprint {fingerprint}, but the model and code maker "
+                                               f"engine.json names are {made_by}: queries on new images are refused")]
+    return []
 
 
 EXAMPLES = """examples:
@@ -88,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{finding.place}\t{item}\t{finding.problem}")
             for action in report.repaired:
                 print(f"repaired: {action}")
-            print(f"{report.items} items checked, {len(report.findings)} problems found")
-        return 1 if report.findings and not report.repaired else 0
+            left = f", {report.unrepaired} not repaired" if args.repair and report.unrepaired else ""
+            print(f"{report.items} items checked, {len(report.findings)} problems found{left}")
+        return 1 if report.unrepaired else 0
 
     return run_cli(body)
 

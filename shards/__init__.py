@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"Catalog": "shards.catalog", "Hits": "shards.ranking", "Item": "shards.catalog",
-            "Manifest": "shards.catalog", "hamming_distances": "shards.codes", "pad_codes": "shards.codes",
-            "CatalogError": "shards.errors", "DuplicateIdError": "shards.errors", "Filter": "shards.filters"}
+_EXPORTS = {"Catalog": "shards.catalog", "Item": "shards.catalog", "catalog_exists": "shards.catalog",
+            "open_or_create": "shards.catalog", "remove_catalog_files": "shards.catalog",
+            "CatalogReader": "shards.reader", "StageTimings": "shards.reader", "Hits": "shards.ranking",
+            "Manifest": "shards.manifest", "hamming_distances": "shards.codes", "pad_codes": "shards.codes",
+            "CatalogError": "shards.errors", "InvalidArgumentError": "shards.errors",
+            "DuplicateIdError": "shards.errors", "DamagedError": "shards.errors", "WriterBusyError": "shards.errors",
+            "Filter": "shards.filters"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -1,25 +1,30 @@
-"""A catalog's shards served by Ray actors: the read side of `Catalog` for catalogs past one machine.
+"""A catalog's shards served by Ray actors: the read contract (`shards.reader.CatalogReader`) for catalogs past
+one machine.
 
 Each actor (`ShardGroup`) opens a group of shards read-only from the path it is given (a shared filesystem or
 the node's own copy) and answers with the same `Catalog` code a single machine runs. The driver (`RayCatalog`)
 fans the coarse stage out and merges the answers exactly (`shards.ranking.merge_hits`), then sends each query's
 features and pool to the groups that hold the pool's items and merges their nearest by squared distance
-(`shards.ranking.nearest`): results equal one machine's, ties included. Every remote call has a timeout; a group
+(`shards.ranking.nearest`): results equal one machine's, ties included. Its two-stage search runs both stages in
+one round trip to each actor, built from the same ranking functions. Every remote call has a timeout; a group
 that dies or does not answer is named in the error, or, with `allow_partial`, left out and reported in
 `missing_shards`.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from shards.catalog import Catalog, Item, Manifest
-from shards.errors import CatalogError
+from shards.catalog import Catalog, Item
+from shards.errors import CatalogError, InvalidArgumentError
 from shards.filters import Filter
-from shards.ranking import Hits, merge_hits, nearest, pool_size, prefix_nearest
+from shards.manifest import Manifest
+from shards.ranking import Hits, merge_hits, nearest, prefix_nearest
+from shards.reader import CatalogReader, StageTimings
 
 TIMEOUT_S = 30.0
 START_TIMEOUT_S = 120.0  # a fresh actor imports numpy and Faiss and opens its shards: slow on a busy node
@@ -28,28 +33,28 @@ START_TIMEOUT_S = 120.0  # a fresh actor imports numpy and Faiss and opens its s
 class ShardGroup:
     """One actor's shards, opened read-only; the methods are those of `Catalog` the driver needs."""
 
-    def __init__(self, path: str, shards: Sequence[int]):
-        self.path, self.shards = path, list(shards)
-        self.catalog = Catalog.open(path, readonly=True, threads=1, shards=shards,
+    def __init__(self, path: str, shard_numbers: Sequence[int]):
+        self.path, self.shard_numbers = path, list(shard_numbers)
+        self.catalog = Catalog.open(path, readonly=True, threads=1, shard_numbers=shard_numbers,
                                     writer_may_join=os.access(path, os.W_OK))  # writes: `add`, `delete`
 
     def count(self) -> int:
         return len(self.catalog)
 
-    def coarse(self, codes: np.ndarray, m: int | None, radius: int | None, within: Filter | None,
+    def coarse(self, codes: np.ndarray, m: int | None, radius: int | None, filter: Filter | None,
                nprobe: int | None) -> list[Hits]:
-        return self.catalog.coarse(codes, m=m, radius=radius, within=within, nprobe=nprobe)
+        return self.catalog.coarse(codes, m, radius, filter, nprobe)
 
     def rerank_squared(self, features: np.ndarray, candidates: list[Hits], k: int) -> list[Hits]:
         return self.catalog.rerank_squared(features, candidates, k)
 
     def search(self, codes: np.ndarray, features: np.ndarray, m: int | None, radius: int | None,
-               within: Filter | None, nprobe: int | None, k: int, eager: int | None
+               filter: Filter | None, nprobe: int | None, k: int, eager: int | None
                ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[Hits]]:
         """Both stages in one round trip: per query, this group's coarse pool as (hamming, ids), and the squared
         distances of the places among its first `eager` that can be among the k nearest of whatever prefix of
         it makes the merged pool (`prefix_nearest`)."""
-        pools = self.catalog.coarse(codes, m=m, radius=radius, within=within, nprobe=nprobe)
+        pools = self.catalog.coarse(codes, m, radius, filter, nprobe)
         heads = [h.take(slice(eager)) for h in pools]
         leaders = self.catalog.rerank_squared(features, heads, k, choose=prefix_nearest)
         return [(h.hamming, h.ids) for h in pools], leaders
@@ -60,12 +65,15 @@ class ShardGroup:
     def metadata(self, ids: np.ndarray) -> list[dict | None]:
         return self.catalog.metadata(ids)
 
+    def features(self, ids: np.ndarray) -> np.ndarray:
+        return self.catalog.features(ids)
+
     def present(self, ids: np.ndarray) -> np.ndarray:
         return self.catalog.present(ids)
 
     def _writer(self) -> Catalog:
         """A writer on this group's shards alone, for one batch; searches see its commit after `refresh`."""
-        return Catalog.open(self.path, readonly=False, threads=1, shards=self.shards)
+        return Catalog.open(self.path, readonly=False, threads=1, shard_numbers=self.shard_numbers)
 
     def add(self, ids: np.ndarray, codes: np.ndarray, features: np.ndarray, metas: list[dict] | None) -> None:
         with self._writer() as writer:
@@ -99,16 +107,14 @@ def connect(address: str) -> None:
         raise CatalogError(f"cannot join Ray at {address!r}: {error}") from None
 
 
-class RayCatalog:
-    """What `engine.search.Searcher` reads from a catalog, answered by Ray actors that each hold
-    `shards_per_actor` shards."""
-
-    remote = True  # `search` runs both stages in one round trip to each actor: use it rather than the two calls
+class RayCatalog(CatalogReader):
+    """The read contract answered by Ray actors that each hold `shards_per_actor` shards; writes go to the
+    actors that own the items."""
 
     def __init__(self, path: str | os.PathLike, address: str = "local", shards_per_actor: int = 1,
                  timeout: float = TIMEOUT_S, allow_partial: bool = False):
         if shards_per_actor < 1:
-            raise CatalogError(f"shards_per_actor must be >= 1, got {shards_per_actor}")
+            raise InvalidArgumentError(f"shards_per_actor must be at least 1, got {shards_per_actor}")
         self.path = Path(path).resolve()
         self.manifest = Manifest.read(self.path)
         self.timeout, self.allow_partial = timeout, allow_partial
@@ -127,10 +133,6 @@ class RayCatalog:
             self._owner[group] = n
         self._counts = self._call("count", [(n, ()) for n in range(len(self.actors))],
                                   max(timeout, START_TIMEOUT_S))  # items per actor, once they have started
-
-    @property
-    def bits(self) -> int:
-        return self.manifest.bits
 
     def __len__(self) -> int:
         return sum(self._counts.values())
@@ -187,17 +189,17 @@ class RayCatalog:
         owners = self._owners(ids)
         return {int(n): np.flatnonzero(owners == n) for n in np.unique(owners)}
 
-    def _start_query(self, within: Filter | None) -> None:
-        if within is not None and not isinstance(within, Filter):
-            raise CatalogError("within must be a Filter on Ray (a restricted index is one process's)")
+    def _start_query(self, filter: Filter | None) -> None:
+        if filter is not None and not isinstance(filter, Filter):
+            raise InvalidArgumentError(f"filter must be a shards.filters.Filter, got {type(filter).__name__}")
         self.missing_shards = []  # a query starts here; its fine stage adds what it misses
 
     def coarse(self, query_codes: np.ndarray, m: int | None = None, radius: int | None = None,
-               within: Filter | None = None, nprobe: int | None = None) -> list[Hits]:
-        """`Catalog.coarse` across the actors: each group's answer, merged exactly. `within`: a filter, which
-        each group applies to its own shards' metadata."""
-        self._start_query(within)
-        answers = self._everyone("coarse", query_codes, m, radius, within, nprobe)
+               filter: Filter | None = None, nprobe: int | None = None) -> list[Hits]:
+        """`Catalog.coarse` across the actors: each group's answer, merged exactly; each group applies `filter`
+        to its own shards' metadata."""
+        self._start_query(filter)
+        answers = self._everyone("coarse", query_codes, m, radius, filter, nprobe)
         return merge_hits(_by_query([[(h.hamming, h.ids) for h in hits] for hits in answers.values()],
                                      len(query_codes)), m)
 
@@ -224,19 +226,17 @@ class RayCatalog:
         share = self._counts.get(n, 0) / total
         return min(m, int(np.ceil(m * share + 4 * np.sqrt(m * share * (1 - share)))) + 16)
 
-    def search(self, query_codes: np.ndarray, query_features: np.ndarray | None = None, k: int = 10,
-               pool: int | None = None, radius: int | None = None, nprobe: int | None = None,
-               within: Filter | None = None) -> list[Hits]:
-        """`Catalog.search` in one round trip to each actor (`ShardGroup.search`): each answers with its coarse
-        pool and the distances of the few items of its likely share that can rank; the pools merge exactly and
-        the k nearest are taken among the merged pool's items. Results equal the in-process catalog's."""
-        pool = pool_size(k, pool, radius, self.manifest.bits)
-        if query_features is None:
-            return [Hits(h.ids[:k], h.hamming[:k]) for h in self.coarse(query_codes, pool, radius, within, nprobe)]
-        self._start_query(within)
+    def _both_stages(self, query_codes: np.ndarray, query_features: np.ndarray, k: int, pool: int | None,
+                     radius: int | None, nprobe: int | None, filter: Filter | None,
+                     timings: StageTimings) -> list[Hits]:
+        """Both stages in one round trip to each actor (`ShardGroup.search`): each answers with its coarse pool
+        and the distances of the few items of its likely share that can rank; the pools merge exactly and the k
+        nearest are taken among the merged pool's items. Results equal `coarse` then `rerank`."""
+        start = time.perf_counter()
+        self._start_query(filter)
         query_features = np.asarray(query_features, np.float32)
         eager = {n: self._eager(n, pool) for n in range(len(self.actors))}
-        answers = self._call("search", [(n, (query_codes, query_features, pool, radius, within, nprobe, k, eager[n]))
+        answers = self._call("search", [(n, (query_codes, query_features, pool, radius, filter, nprobe, k, eager[n]))
                                         for n in eager])
         pools = merge_hits(_by_query([parts for parts, _ in answers.values()], len(query_codes)), pool)
         results: list[Hits | None] = []
@@ -252,6 +252,7 @@ class RayCatalog:
         if again:
             for q, hits in zip(again, self.rerank(query_features[again], [pools[q] for q in again], k)):
                 results[q] = hits
+        timings.remote += time.perf_counter() - start
         return results
 
     def _by_owner(self, method: str, ids: Sequence[int] | np.ndarray) -> list:
@@ -274,6 +275,10 @@ class RayCatalog:
     def present(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """A mask of the ids the actors' snapshots hold."""
         return np.array(self._by_owner("present", ids), bool)
+
+    def features(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = self._by_owner("features", ids)  # each actor's answer comes back one row per id
+        return np.array(rows, np.float32).reshape(len(rows), self.manifest.feature_dim)
 
     def add(self, ids: Sequence[int] | np.ndarray, codes: np.ndarray, features: np.ndarray,
             metas: Sequence[dict] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Exact filters on labels and product metadata: the items a filtered search may return.
 
 A filter is `label` (any of the given labels) and `where` (every `field:value` pair equal to the item's metadata).
-Filtering is exact: the coarse stage scans only the items that pass (`Catalog.restrict`), so a filtered search
+Filtering is exact: the coarse stage scans only the items that pass (`HammingStage.restrict`), so a filtered search
 returns the top k among them, as a brute force over the filtered subset would, never a short page.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from shards.errors import CatalogError
+from shards.errors import InvalidArgumentError
 
 
 def stored_label(meta: dict | None) -> str | None:
@@ -39,7 +39,7 @@ class Filter:
         for condition in where:
             field, colon, value = condition.partition(":")
             if not colon or not field:
-                raise CatalogError(f"where must look like field:value, got {condition!r}")
+                raise InvalidArgumentError(f"where must look like field:value, got {condition!r}")
             pairs.append((field, value))
         return cls(tuple(sorted(set(labels))), tuple(sorted(set(pairs))))
 
@@ -64,13 +64,13 @@ class FilterIndex:
         self.by_label = {k: np.unique(np.array(v, np.int64)) for k, v in by_label.items()}
         self.by_field = {k: np.unique(np.array(v, np.int64)) for k, v in by_field.items()}
 
-    def allowed(self, rule: Filter) -> np.ndarray:
-        """Sorted ids of the items that pass `rule` (which must not be empty)."""
+    def allowed(self, filter: Filter) -> np.ndarray:
+        """Sorted ids of the items that pass `filter` (which must not be empty)."""
         empty = np.empty(0, np.int64)
         sets = []
-        if rule.labels:
-            sets.append(np.unique(np.concatenate([self.by_label.get(label, empty) for label in rule.labels])))
-        sets += [self.by_field.get(pair, empty) for pair in rule.where]
+        if filter.labels:
+            sets.append(np.unique(np.concatenate([self.by_label.get(label, empty) for label in filter.labels])))
+        sets += [self.by_field.get(pair, empty) for pair in filter.where]
         allowed = sets[0]
         for other in sets[1:]:
             allowed = np.intersect1d(allowed, other, assume_unique=True)

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from shards.errors import CatalogError
+from shards.errors import InvalidArgumentError
 
 
 class IndexType:
@@ -61,7 +61,7 @@ def register_index_type(cls: type[IndexType]) -> type[IndexType]:
 def index_type(name: str) -> IndexType:
     """The registered type called `name`; an error that lists the choices otherwise."""
     if name not in INDEX_TYPES:
-        raise CatalogError(f"unknown index type {name!r}; choose one of {', '.join(INDEX_TYPES)}")
+        raise InvalidArgumentError(f"unknown index type {name!r}; choose one of {', '.join(INDEX_TYPES)}")
     return INDEX_TYPES[name]
 
 
@@ -139,7 +139,7 @@ class IVFIndex(IndexType):
     name = "ivf"
     faiss_class = "IndexBinaryIVF"
     summary = ("inverted lists over binary k-means (Faiss IndexBinaryIVF): approximate top-m for 10M+ items, "
-               "--nprobe trades recall for speed; radius search scans every code (exact)")
+               "nprobe trades recall for speed; radius search scans every code (exact)")
     def build(self, padded: np.ndarray, hash_bits: int = 0, previous=None):
         import faiss
 

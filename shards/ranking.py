@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from shards.errors import CatalogError
+from shards.errors import InvalidArgumentError
 
 
 @dataclass
@@ -77,10 +77,10 @@ def pool_size(k: int, pool: int | None, radius: int | None, bits: int | None = N
     """The coarse pool a search for k results asks for: `pool`, or max(100 * k, MIN_DEFAULT_POOL) when neither it
     nor a radius is given. Checks the arguments (a radius past the code length `bits` could only mean everything)."""
     if k < 1:
-        raise CatalogError(f"k must be at least 1, got {k}")
+        raise InvalidArgumentError(f"k must be at least 1, got {k}")
     if pool is not None and pool < 1:
-        raise CatalogError(f"pool must be at least 1, got {pool}")
+        raise InvalidArgumentError(f"pool must be at least 1, got {pool}")
     if radius is not None and not 0 <= radius <= (bits if bits is not None else radius):
-        raise CatalogError(f"radius must be between 0 and the code length ({bits} bits), got {radius}"
+        raise InvalidArgumentError(f"radius must be between 0 and the code length ({bits} bits), got {radius}"
                            if bits is not None else f"radius must be at least 0, got {radius}")
     return max(100 * k, MIN_DEFAULT_POOL) if pool is None and radius is None else pool

@@ -4,7 +4,8 @@ import threading
 import numpy as np
 import pytest
 
-from shards import Catalog, CatalogError, DuplicateIdError, Filter, hamming_distances
+from shards import (Catalog, CatalogError, CatalogReader, DuplicateIdError, Filter, InvalidArgumentError,
+                    StageTimings, catalog_exists, hamming_distances, open_or_create, remove_catalog_files)
 from shards.ranking import nearest, prefix_nearest
 
 FEATURE_DIM = 8
@@ -112,8 +113,8 @@ def test_a_writer_on_some_shards_takes_only_their_items(tmp_path, rng):
     with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=3) as catalog:
         catalog.add(ids[:200], codes[:200], features[:200])
     mine = ids[200:][ids[200:] % 3 == 1]
-    with Catalog.open(tmp_path / "c", shards=[1], writer_may_join=True) as reader, \
-            Catalog.open(tmp_path / "c", readonly=False, shards=[1]) as writer:  # one process: reader, then writer
+    with Catalog.open(tmp_path / "c", shard_numbers=[1], writer_may_join=True) as reader, \
+            Catalog.open(tmp_path / "c", readonly=False, shard_numbers=[1]) as writer:  # one process: reader, writer
         writer.add(mine, codes[200:][ids[200:] % 3 == 1], features[200:][ids[200:] % 3 == 1])
         with pytest.raises(CatalogError, match=r"belong to shards \[0, 2\], not opened here"):
             writer.add(ids[200:], codes[200:], features[200:])
@@ -131,11 +132,11 @@ def test_a_writers_filtered_search_sees_its_own_writes(tmp_path, rng):
     with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=2) as catalog:
         catalog.add(ids[:50], codes[:50], features[:50], [{"label": "a"}] * 50)
         rule = Filter.parse(["b"])
-        assert len(catalog.coarse(codes[:1], m=100, within=rule)[0]) == 0
+        assert len(catalog.coarse(codes[:1], m=100, filter=rule)[0]) == 0
         catalog.add(ids[50:], codes[50:], features[50:], [{"label": "b"}] * 10)
-        assert sorted(catalog.coarse(codes[:1], m=100, within=rule)[0].ids) == sorted(ids[50:])
+        assert sorted(catalog.coarse(codes[:1], m=100, filter=rule)[0].ids) == sorted(ids[50:])
         catalog.delete(ids[50:55])
-        assert sorted(catalog.coarse(codes[:1], m=100, within=rule)[0].ids) == sorted(ids[55:])
+        assert sorted(catalog.coarse(codes[:1], m=100, filter=rule)[0].ids) == sorted(ids[55:])
 
 
 def test_ivf_default_nprobe_grows_with_the_pool(rng):
@@ -393,7 +394,7 @@ def test_damaged_lmdb_file_is_reported_not_crashed(tmp_path, rng, damage):
 
 
 def test_map_size_grows_as_needed(tmp_path, rng, monkeypatch):
-    monkeypatch.setattr("shards.shard.INITIAL_MAP_SIZE", 1 << 20)
+    monkeypatch.setattr("shards.records.INITIAL_MAP_SIZE", 1 << 20)
     ids, codes, features = random_items(rng, 20_000, 64)
     with Catalog.create(tmp_path / "c", 64, FEATURE_DIM, shards=1) as catalog:
         catalog.add(ids, codes, features)
@@ -427,3 +428,87 @@ def test_prefix_nearest_holds_the_nearest_of_every_prefix(rng):
             assert np.isin(best, kept).all()
         ties_free = rng.permutation(n).astype(np.float32)
         assert len(prefix_nearest(ids, ties_free, k)) <= min(n, k * (2 + 2 * np.log2(max(n / k, 1))))
+
+
+def test_a_callers_bad_arguments_are_value_errors(tmp_path, rng):
+    """One way to catch bad input: every refused argument is an InvalidArgumentError, a CatalogError and a
+    ValueError, with the value in its message."""
+    ids, codes, features = random_items(rng, 50, 48)
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shard_count=2) as catalog:
+        catalog.add(ids, codes, features)
+        refusals = [(lambda: catalog.search(codes[:1], k=0), "k must be at least 1, got 0"),
+                    (lambda: catalog.search(codes[:1], radius=49), "got 49"),
+                    (lambda: catalog.coarse(codes[:1], m=5, nprobe=0), "nprobe must be >= 1, got 0"),
+                    (lambda: catalog.coarse(codes[:, :2], m=5), r"shape \(n, 6\)"),
+                    (lambda: catalog.rerank(features[:2], catalog.coarse(codes[:1], m=5), 3), r"shape \(1, 8\)"),
+                    (lambda: catalog.add(ids[:1], codes[:1], features[:1]), "already in the catalog"),
+                    (lambda: catalog.features([2**41]), "not in the catalog"),
+                    (lambda: Filter.parse(where=["brand"]), "field:value, got 'brand'")]
+        for refuse, message in refusals:
+            with pytest.raises(ValueError, match=message) as caught:
+                refuse()
+            assert isinstance(caught.value, InvalidArgumentError)
+    with pytest.raises(ValueError, match="bits must be an integer in"):
+        Catalog.create(tmp_path / "d", 0, FEATURE_DIM)
+
+
+def test_every_caller_searches_through_one_contract_with_timed_stages(tmp_path, rng):
+    ids, codes, features = random_items(rng, 400, 48)
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shard_count=3) as catalog:
+        catalog.add(ids, codes, features)
+    with Catalog.open(tmp_path / "c") as catalog:
+        assert isinstance(catalog, CatalogReader)
+        timings = StageTimings()
+        hits = catalog.search(codes[:4], features[:4], k=5, pool=50, timings=timings)
+        assert timings.coarse > 0 and timings.rerank > 0 and timings.remote == 0
+        by_hand = catalog.rerank(features[:4], catalog.coarse(codes[:4], m=50), 5)
+        assert all(np.array_equal(a.ids, b.ids) and np.array_equal(a.distances, b.distances)
+                   for a, b in zip(hits, by_hand))
+        hamming_only = StageTimings()
+        first = catalog.search(codes[:4], k=5, pool=50, timings=hamming_only)
+        assert hamming_only.rerank == 0 and all(h.distances is None and len(h) == 5 for h in first)
+
+
+def test_open_or_create_checks_the_layout_once_and_the_files_stay_behind_the_api(tmp_path, rng):
+    ids, codes, features = random_items(rng, 30, 48)
+    path = tmp_path / "c"
+    assert not catalog_exists(path)
+    with open_or_create(path, 48, FEATURE_DIM, shard_count=2, model_fingerprint="m1") as catalog:
+        catalog.add(ids, codes, features)
+    assert catalog_exists(path)
+    with open_or_create(path, 48, FEATURE_DIM) as catalog:
+        assert len(catalog) == 30 and catalog.manifest.shard_count == 2
+    with pytest.raises(InvalidArgumentError, match="holds 48-bit codes with 8-d features, not 64-bit codes"):
+        open_or_create(path, 64, FEATURE_DIM)
+    with pytest.raises(CatalogError, match="made by model m1"):
+        open_or_create(path, 48, FEATURE_DIM, model_fingerprint="m2")
+    (path / "engine.json").write_text("{}")  # a file of the engine's: not the storage layer's to remove
+    remove_catalog_files(path)
+    assert not catalog_exists(path) and sorted(p.name for p in path.iterdir()) == ["engine.json"]
+
+
+def test_the_former_keyword_names_still_open_a_shard_subset(tmp_path, rng):
+    """README's `Catalog.open(..., shards=[...])` and `Catalog.create(..., shards=N)` keep working."""
+    ids, codes, features = random_items(rng, 60, 48)
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shards=3) as catalog:
+        catalog.add(ids, codes, features)
+    with Catalog.open(tmp_path / "c", shards=[1]) as one, Catalog.open(tmp_path / "c", shard_numbers=[1]) as same:
+        assert len(one) == len(same) == int((ids % 3 == 1).sum())
+
+
+def test_rebuild_indices_stores_every_shards_index_again(tmp_path, rng):
+    ids, codes, features = random_items(rng, 200, 48)
+    with Catalog.create(tmp_path / "c", 48, FEATURE_DIM, shard_count=2) as catalog:
+        catalog.add(ids, codes, features)
+    with Catalog.open(tmp_path / "c", readonly=False) as writer:
+        for shard in writer.shards:
+            with shard.env.begin(write=True) as txn:
+                txn.put(b"index", b"garbage", db=shard._info)
+            shard.flush = lambda: None  # close without re-storing a good index
+    with Catalog.open(tmp_path / "c", readonly=False) as writer:
+        assert not any(s.index_loaded_from_disk for s in writer.shards)
+        writer.rebuild_indices()
+    with Catalog.open(tmp_path / "c") as reader:
+        assert all(s.index_loaded_from_disk for s in reader.shards) and not list(reader.verify())
+    with Catalog.open(tmp_path / "c") as reader, pytest.raises(CatalogError, match="opened read-only"):
+        reader.rebuild_indices()

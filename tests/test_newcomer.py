@@ -4,9 +4,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 from engine.build_index import build_index
 from engine.export import export_catalog, import_hdf5
@@ -14,7 +16,9 @@ from engine.search import Searcher
 from engine.synthetic import make_image_folder
 from training.config import TrainConfig
 from training.data import load_dataset
+from engine.errors import InputError
 from training.errors import UserError
+from training.gist import gist
 from training.train import check_config, train
 from tests.test_data import write_cifar10, write_idx
 
@@ -52,7 +56,7 @@ def test_an_exported_catalog_answers_exactly_as_the_original(codes, image_folder
 def test_import_refuses_a_model_that_did_not_make_the_codes(built_model_pair, tmp_path):
     catalog, other_model = built_model_pair
     export_catalog(catalog, tmp_path / "c.h5", progress=False)
-    with pytest.raises(UserError, match="did not make the codes"):
+    with pytest.raises(InputError, match="did not make the codes"):
         import_hdf5(tmp_path / "c.h5", tmp_path / "copy", progress=False, model_dir=other_model)
     assert not (tmp_path / "copy").exists()
 
@@ -63,7 +67,7 @@ def built_model_pair(image_folder, trained_model, tmp_path_factory):
     build_index(image_folder, trained_model, root / "catalog", shards=2, progress=False, workers=0)
     other = root / "other-model"
     train(TrainConfig(data=str(image_folder), out=str(other), backbone="cifar_convnet_small", bits=16, epochs=0.2,
-                      batch_size=32, val_split=0.2, tta=False, seed=1))
+                      batch_size=32, val_split=0.2, tta=False, seed=1, keep_collapsed=True))
     return root / "catalog", other
 
 
@@ -92,7 +96,8 @@ def test_skipped_training_images_are_named_and_listed(tmp_path, cli_env):
     (tmp_path / "data" / "circle" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "model"
     result = cli("training.train", ["--data", tmp_path / "data", "--out", out, "--backbone", "cifar_convnet_small",
-                                    "--bits", "8", "--epochs", "1", "--batch-size", "4", "--no-tta"], cli_env)
+                                    "--bits", "8", "--epochs", "1", "--batch-size", "4", "--no-tta",
+                                    "--keep-collapsed"], cli_env)
     assert result.returncode == 0, result.stderr
     assert "skipped 1 images that did not decode (broken.png)" in result.stdout + result.stderr
     listed = json.loads((out / "skipped-files.json").read_text())
@@ -116,7 +121,8 @@ def test_usage_names_the_program_that_was_run(cli_env, tmp_path, built_model_pai
     if os.path.exists(script):  # installed console scripts (pip install -e .)
         result = subprocess.run([script, "--help"], capture_output=True, text=True, env=cli_env, timeout=60)
         assert result.stdout.startswith("usage: build-index")
-    assert "(default 10.0)" in cli("training.train", ["--help"], cli_env).stdout.replace("\n", " ")
+    assert "(default 10, or as many as make 1000 steps on a small set)" in " ".join(
+        cli("training.train", ["--help"], cli_env).stdout.split())
     catalog, _ = built_model_pair
     result = cli("engine.query", ["--catalog", catalog, tmp_path], cli_env)
     assert result.returncode == 2 and "a folder; give image files" in result.stderr
@@ -153,3 +159,35 @@ def test_result_page_has_a_legend_and_marks_other_labels(built_model_pair, image
     others = sum(row.split()[3] != "ring" for row in result.stdout.splitlines()[2:])
     assert others >= 6  # 24 rings in the catalog, 30 results
     assert text.count('<figure class="other"') == others
+
+
+def test_pretrained_without_internet_fails_fast_and_leaves_nothing(image_folder, tmp_path, cli_env):
+    """Offline, huggingface_hub retried each file for ~50 s and printed 22 lines; the run left an empty --out.
+    The hub here is a closed port and the cache empty, which is what no internet looks like on any machine."""
+    env = dict(cli_env, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    env.pop("HF_HUB_OFFLINE", None)
+    out = tmp_path / "model"
+    started = time.perf_counter()
+    result = cli("training.train", ["--data", image_folder, "--out", out, "--backbone", "resnet18", "--pretrained"],
+                 env, timeout=120)
+    assert time.perf_counter() - started < 20, "retried the hub"
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "resnet18's weights are not in the local cache and http://127.0.0.1:9 cannot be reached" in result.stderr
+    assert not out.exists()
+
+
+def test_weights_that_are_not_a_state_dict_are_one_line_and_leave_nothing(image_folder, tmp_path, cli_env):
+    (tmp_path / "notes.pth").write_text("these are not weights\n")
+    out = tmp_path / "model"
+    result = cli("training.train", ["--data", image_folder, "--out", out, "--backbone", "cifar_convnet_small",
+                                    "--weights", tmp_path / "notes.pth"], cli_env)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "cannot read --weights file" in result.stderr and "not a .safetensors file" in result.stderr
+    assert not out.exists()
+
+
+def test_readmes_gist_example_takes_numpy_images():
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    descriptors = gist(images)
+    assert descriptors.shape == (3, 512)
+    np.testing.assert_array_equal(descriptors, gist(torch.from_numpy(images)))

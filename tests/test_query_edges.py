@@ -11,7 +11,7 @@ import pytest
 
 from engine.build_index import build_index
 from engine.search import Searcher
-from shards import Catalog
+from shards import Catalog, Filter
 
 
 @pytest.mark.parametrize("args, message", [
@@ -64,3 +64,21 @@ def test_a_changed_file_is_encoded_again_not_answered_from_its_old_code(image_fo
         _, features = searcher.encode([folder / "item.png"])
         _, expected = searcher.encode([dog])
     assert np.allclose(features[0], expected[0], atol=1e-3) and not np.allclose(features[0], stored, atol=1e-3)
+
+
+def test_searcher_searches_through_the_catalogs_one_two_stage_search(tmp_path):
+    """`Searcher.search_codes` has no path of its own: it asks the catalog's read contract to `search`, whose
+    both-stages step (a round trip on Ray) gets the searcher's timings; a filter and Hamming order alone too."""
+    rng = np.random.default_rng(1)
+    codes = np.packbits(rng.random((300, 32)) < 0.5, axis=1)
+    features = rng.standard_normal((300, 8)).astype(np.float32)
+    with Catalog.create(tmp_path / "c", 32, 8, shard_count=2) as catalog:
+        catalog.add(np.arange(300), codes, features, [{"label": str(i % 3)} for i in range(300)])
+    with Searcher(tmp_path / "c") as searcher:
+        both_stages, calls = searcher.catalog._both_stages, []
+        searcher.catalog._both_stages = lambda *args: calls.append(args[-1]) or both_stages(*args)
+        found = searcher.search_codes(codes[:2], features[:2], k=3, filter=Filter.parse(["1"]))
+        assert calls == [searcher.timings] and searcher.timings.coarse > 0 and searcher.timings.rerank > 0
+        assert all(len(results) == 3 and all(r.label == "1" for r in results) for results in found)
+        assert all(r.distance is None for r in searcher.search_codes(codes[:1], features[:1], k=3, rerank=False)[0])
+        assert len(calls) == 1

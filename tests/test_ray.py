@@ -11,7 +11,7 @@ import pytest
 from engine.build_index import build_index
 from engine.export import export_catalog
 from engine.synthetic import make_image_folder
-from shards import Catalog, CatalogError, DuplicateIdError, Filter
+from shards import Catalog, CatalogError, CatalogReader, DuplicateIdError, Filter, StageTimings
 
 ray = pytest.importorskip("ray")
 
@@ -64,13 +64,18 @@ def test_distributed_search_equals_local(local_ray, catalogs, shards, per_actor)
                 assert same_hits(remote.search(queries, query_features, k=5, radius=radius),
                                  local.search(queries, query_features, k=5, radius=radius))
             for rule in (Filter.parse(["1"]), Filter.parse(["0", "2"], ["brand:other"]), Filter.parse(["9"])):
-                assert same_hits(remote.search(queries, query_features, k=5, pool=40, within=rule),
-                                 local.search(queries, query_features, k=5, pool=40, within=rule))
-                assert same_hits(remote.coarse(queries, radius=8, within=rule),
-                                 local.coarse(queries, radius=8, within=rule))
+                assert same_hits(remote.search(queries, query_features, k=5, pool=40, filter=rule),
+                                 local.search(queries, query_features, k=5, pool=40, filter=rule))
+                assert same_hits(remote.coarse(queries, radius=8, filter=rule),
+                                 local.coarse(queries, radius=8, filter=rule))
             some = ids[[5, 17, 900]].tolist() + [123]
             assert [i and i.id for i in remote.get(some)] == [i and i.id for i in local.get(some)]
             assert remote.metadata(some) == local.metadata(some)
+            assert isinstance(remote, CatalogReader) and np.array_equal(remote.present(some), local.present(some))
+            assert np.array_equal(remote.features(ids[[5, 17, 900]]), local.features(ids[[5, 17, 900]]))
+            timings = StageTimings()  # one round trip: both stages timed together
+            remote.search(queries, query_features, k=5, timings=timings)
+            assert timings.remote > 0 and timings.coarse == timings.rerank == 0
             before = remote.reranked_again
             remote._eager = lambda n, m: None if m is None else 1  # each pool takes more: the fine stage again
             assert same_hits(remote.search(queries, query_features, k=10, pool=300),

@@ -179,7 +179,7 @@ def test_a_real_server_answers_and_stops_cleanly_on_sigterm(shop, cli_env, tmp_p
         with urllib.request.urlopen(f"{base}/", timeout=5) as response:
             assert b"search by photo" in response.read()
         server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
+        assert server.wait(timeout=30) == 0  # a clean shutdown, not death by the signal uvicorn raises again
         log = (tmp_path / "server.log").read_text()
         assert "Application shutdown complete" in log and "Finished server process" in log and "Traceback" not in log
 

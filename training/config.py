@@ -22,8 +22,8 @@ class TrainConfig:
     backbone: str = "cifar_convnet"
     bits: int = 48
     input_size: int = 32
-    epochs: float = 10.0
-    batch_size: int = 256
+    epochs: float | None = None  # None: 10, or as many as make training.schedule.MIN_STEPS steps on a small set
+    batch_size: int | None = None  # None: 256, or smaller on a small set (training.schedule)
     # Peak learning rate of the mean loss at batch size 1024, scaled linearly with batch size. airbench's 1.5
     # saturates the sigmoid latent layer at the peak and the loss climbs; at 0.75 a run in five still takes a
     # loss spike near the peak (32 runs on an H200); at 0.6 (10 runs) and 0.5 (6) none did (RESULTS.md, issue 16).
@@ -61,6 +61,7 @@ class TrainConfig:
     mirror_average: bool = False  # the saved model encodes an image and its mirror (ModelConfig.mirror_average)
     resume: bool = False
     overwrite: bool = False  # replace a model already in `out`
+    keep_collapsed: bool = False  # save a model whose codes cannot tell the classes apart (training.collapse)
     seed: int = 0
     val_split: float = 0.1
 

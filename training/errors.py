@@ -1,42 +1,10 @@
-"""The one exception type the training layer raises for a user's mistake (bad data path, unknown backbone...).
-
-Command-line entry points catch it and print its message without a traceback.
-"""
-import errno
-import sys
-from typing import Callable
-
-# Errors of the machine, not of the program: a full disk, a quota, a file-size limit, a failing device
-STORAGE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-                  errno.EFBIG: "a file grew past the size limit", errno.EIO: "an input/output error"}
+"""The training layer's errors. Entry points (training/cli.py) print them as one line without a traceback."""
 
 
-class UserError(Exception):
-    """A problem with the user's input, explained in one line."""
+class TrainingError(Exception):
+    """Base of the training layer's errors: a run that cannot go on as asked."""
 
 
-def program_name(module: str) -> str:
-    """The program as the user ran it: `python -m engine.query`, or a console script's own name."""
-    import os
-
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return f"python -m {module}" if not script or script.endswith(".py") or script == "-c" else script
-
-
-def run_cli(body: Callable[[], int], user_errors: tuple[type[Exception], ...] = (UserError,),
-            interrupted: str = "interrupted") -> int:
-    """Run a command-line body: a user error prints `error: ...` and exits 2, Ctrl-C exits 130; no traceback."""
-    try:
-        return body()
-    except user_errors as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        if error.errno not in STORAGE_ERRORS:
-            raise
-        print(f"error: {STORAGE_ERRORS[error.errno]}: {error.filename or ''} {error.strerror}".replace("  ", " "),
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        return 130
+class UserError(TrainingError, ValueError):
+    """Bad input to the training layer (a data path, a backbone name, a setting out of range), in one line.
+    A ValueError, so that `except ValueError` catches every layer's bad input."""

@@ -1,10 +1,13 @@
-"""Writing files so that a crash leaves the old file or the new one, never a torn one."""
+"""Writing files so that a crash leaves the old file or the new one, never a torn one, and a refused run leaves
+nothing behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -16,3 +19,23 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def removed_on(errors: type[BaseException] | tuple[type[BaseException], ...], folder: Path) -> Iterator[None]:
+    """What the block creates in `folder` (the folder itself when it is new) is removed if it raises `errors`:
+    a refused run leaves no empty or half-written folder that the next run would then refuse."""
+    existed = folder.is_dir()
+    before = set(folder.iterdir()) if existed else set()
+    try:
+        yield
+    except errors:
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif folder.is_dir():
+            for entry in set(folder.iterdir()) - before:
+                if entry.is_dir():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+        raise

@@ -72,8 +72,10 @@ def prefilter(images: torch.Tensor, cutoff: float) -> torch.Tensor:
     return (whitened / (0.2 + local_std))[..., pad:n - pad, pad:n - pad]
 
 
-def gist(images: torch.Tensor, config: GistConfig = GistConfig(), batch_size: int = 128) -> np.ndarray:
-    """(N, config.dim) float32 GIST of uint8 or float images (N, C, H, W) with values in 0..255."""
+def gist(images: np.ndarray | torch.Tensor, config: GistConfig = GistConfig(), batch_size: int = 128) -> np.ndarray:
+    """(N, config.dim) float32 GIST of uint8 or float images (N, C, H, W) with values in 0..255, as a NumPy array
+    (like the other baselines take) or a torch tensor."""
+    images = torch.as_tensor(images)
     size, boundary = config.image_size, config.boundary
     bank = gabor_bank(size + 2 * boundary, config.orientations)
     out = np.empty((len(images), config.dim), np.float32)

@@ -1,26 +1,65 @@
-"""Decoding image files into the uint8 tensors the model eats, identically for training, indexing and queries."""
+"""Decoding image files into the uint8 tensors the model eats, identically for training, indexing and queries.
+
+Memory is bounded because anyone may send an upload: a 343 KB PNG can hold 9400x9400 RGBA pixels. A JPEG decodes
+at a reduced scale (Pillow's draft), an image over `max_pixels` decoded pixels is refused before decoding, an image
+many times the model's input is reduced in strips right after decoding (never converted whole), and the pixels
+being decoded in one process at once are bounded (`DECODING`).
+"""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
+import threading
 import warnings
 from pathlib import Path
 
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit; larger images are refused, not decoded
+MAX_PIXELS = 50_000_000  # default limit on decoded pixels (a JPEG counts at its reduced scale): ~200 MB decoded
+REDUCING_GAP = 3  # an image this many times the input, or more, is box-reduced first (Pillow: as good as direct)
+STRIP_PIXELS = 1 << 20  # pixels converted at a time while reducing a large image
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that shows the image upright
 
 
 class BadImage(Exception):
     """A file that cannot be used as an image (empty, truncated, not an image, too large, unreadable)."""
+
+
+class PixelBudget:
+    """A semaphore counted in pixels: the decodes in flight hold at most `total` pixels together, so concurrent
+    requests cannot add up to more than one limit's worth of memory (a larger image decodes alone)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self._held = 0
+        self._condition = threading.Condition()
+
+    @contextlib.contextmanager
+    def taking(self, pixels: int) -> Iterator[None]:
+        pixels = min(pixels, self.total)
+        with self._condition:
+            self._condition.wait_for(lambda: self._held + pixels <= self.total)
+            self._held += pixels
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._held -= pixels
+                self._condition.notify_all()
+
+
+DECODING = PixelBudget(MAX_PIXELS)  # every decode of this process
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -36,46 +75,69 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return found
 
 
-def load_image(path: str | os.PathLike, size: int) -> torch.Tensor:
+def load_image(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """uint8 tensor (3, size, size): first frame, EXIF orientation applied, RGB, shorter side resized to
-    `size` and centre-cropped. Raises BadImage for anything unusable."""
+    `size` and centre-cropped. Raises BadImage for anything unusable, or over `max_pixels` decoded pixels."""
     try:
         file = _open_regular_file(path)
     except OSError as error:
         raise BadImage(f"{type(error).__name__}: {error}") from error
     with file:
-        return _decode(file, size)
+        return _decode(file, size, max_pixels)
 
 
-def load_image_bytes(data: bytes, size: int) -> "torch.Tensor":
+def load_image_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> "torch.Tensor":
     """`load_image` for an image file's bytes (an upload)."""
-    return _decode(io.BytesIO(data), size)
+    return _decode(io.BytesIO(data), size, max_pixels)
 
 
-def _decode(file: BinaryIO, size: int) -> "torch.Tensor":
+def _decode(file: BinaryIO, size: int, max_pixels: int) -> "torch.Tensor":
     import torch  # here, not at the top: listing images (build-index --help) needs no torch
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise BadImage(f"{image.width}x{image.height} pixels is over the {MAX_PIXELS} limit")
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `max_pixels` decides, below
+            with contextlib.closing(Image.open(file)) as image:  # closing frees the decoded pixels
                 image.seek(0)
-                image.draft("RGB", (size, size))  # JPEG: decode at reduced scale, much faster
-                ImageOps.exif_transpose(image, in_place=True)
-                image = _to_rgb(image)
-                if image.size != (size, size):
-                    image = ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
-                pixels = np.asarray(image, dtype=np.uint8)
+                image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale (down to 1/8)
+                decoded = image.width * image.height
+                if decoded > max_pixels:
+                    raise BadImage(f"{image.width}x{image.height} pixels to decode, over the limit of {max_pixels}")
+                with DECODING.taking(decoded):
+                    pixels = _model_input(image, size)
     except BadImage:
         raise
     except UnidentifiedImageError as error:
         raise BadImage("UnidentifiedImageError: not an image file Pillow can read") from error
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            EOFError) as error:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as error:
         raise BadImage(f"{type(error).__name__}: {error}") from error
-    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def _model_input(image: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 pixels of an opened image. Orientation and colour conversion commute, so an image
+    that needs no reduction comes out exactly as transposed-then-converted."""
+    image.load()
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    factor = min(image.size) // (size * REDUCING_GAP)
+    rgb = _reduced_rgb(image, factor) if factor >= 2 else _to_rgb(image)
+    if orientation in _TRANSPOSE:
+        rgb = rgb.transpose(_TRANSPOSE[orientation])
+    if rgb.size != (size, size):
+        rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR)
+    return np.array(rgb, dtype=np.uint8)
+
+
+def _reduced_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """`_to_rgb(image).reduce(factor)`, converted a strip of rows at a time: no full-size copy besides the
+    decoded image itself (a whole RGBA conversion costs several)."""
+    width, height = image.size
+    reduced = Image.new("RGB", (-(-width // factor), -(-height // factor)))
+    rows = max(1, STRIP_PIXELS // (width * factor)) * factor
+    for top in range(0, height, rows):
+        strip = _to_rgb(image.crop((0, top, width, min(height, top + rows))))
+        reduced.paste(strip.reduce(factor), (0, top // factor))
+    return reduced
 
 
 def _open_regular_file(path: str | os.PathLike):

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -22,12 +22,14 @@ from torch import nn
 from tqdm import tqdm
 
 from training.cnnh import cnnh_target_codes
+from training.collapse import code_spread
 from training.config import (CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, read_train_config,
                              save_train_config)
 from training.data import Dataset, LabeledImages, load_dataset
 from training.errors import UserError
-from training.files import atomic_write
-from training.model import HashingNet, create_model, pick_device, save_model
+from training.files import atomic_write, removed_on
+from training.model import HashingNet, create_backbone, hashing_net, pick_device, save_model
+from training.schedule import plan_schedule
 
 # ---------------------------------------------------------------- devices and distributed runs
 def has_native_bf16() -> bool:
@@ -189,9 +191,10 @@ def set_train_mode(model: HashingNet, freeze_backbone: bool) -> None:
 
 
 # ---------------------------------------------------------------- optimizer and checkpoints
-def make_optimizer(model: HashingNet, config: TrainConfig) -> torch.optim.SGD:
-    """Nesterov SGD; the biases of normalisation layers learn `norm_bias_lr_scale` x faster (same decay/step)."""
-    scale = config.batch_size / 1024
+def make_optimizer(model: HashingNet, config: TrainConfig, batch_size: int) -> torch.optim.SGD:
+    """Nesterov SGD at `config.lr` scaled to `batch_size`; the biases of normalisation layers learn
+    `norm_bias_lr_scale` x faster (same decay/step)."""
+    scale = batch_size / 1024
     lr, decay = config.lr * scale, config.weight_decay
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, norm_types) and m.bias is not None}
@@ -223,7 +226,7 @@ def save_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimiz
 
 
 # Flags a resumed run may change: where things are and how fast they run, not the schedule, data order or model.
-RESUMABLE_CHANGES = frozenset({"data", "out", "resume", "overwrite", "device", "amp", "tta"})
+RESUMABLE_CHANGES = frozenset({"data", "out", "resume", "overwrite", "device", "amp", "tta", "keep_collapsed"})
 
 
 def check_resumed_flags(out: Path, config: TrainConfig) -> None:
@@ -268,8 +271,9 @@ def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimiz
 
 # ---------------------------------------------------------------- the run
 def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
-    """Train, checkpointing every epoch; writes the model directory and returns a summary of the run. The
-    arguments were checked by `training.train.check_config`."""
+    """Train, checkpointing each recorded epoch; writes the model directory and returns a summary of the run. The
+    arguments were checked by `training.train.check_config`. A run refused on the way (its codes collapsed, say)
+    leaves nothing in `out` that it made."""
     device = pick_device(config.device)
     rank, world_size, device = init_distributed(device)
     if device.type == "cpu":
@@ -278,17 +282,25 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     out = Path(config.out)
     if config.resume:
         check_resumed_flags(out, config)
+    # Before any image is decoded: a bad --weights file or --pretrained offline costs seconds, not a dataset
+    backbone = create_backbone(config.backbone, config.pretrained, config.weights)
     if dataset is None:
         dataset = load_dataset(config.data, config.format, config.input_size, config.val_split, config.seed,
                                config.class_names)
     if config.mirror_average and not dataset.mirror_invariant:
         raise UserError("--mirror-average: a horizontal flip changes what these images mean (digits)")
+    with removed_on(UserError, out):
+        return _train(config, dataset, backbone, out, device, rank, world_size)
+
+
+def _train(config: TrainConfig, dataset: Dataset, backbone: nn.Module, out: Path, device: torch.device, rank: int,
+           world_size: int) -> dict:
+    """The run itself, on a built backbone and a loaded dataset: what it writes goes into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         report_skipped(dataset.skipped, out)
     input_size = dataset.train.images.shape[-1]
-    model = create_model(config.backbone, config.bits, dataset.class_names, input_size,
-                         pretrained=config.pretrained, weights=config.weights).to(device)
+    model = hashing_net(backbone, config.backbone, config.bits, dataset.class_names, input_size).to(device)
     model.config.extra["objective"] = config.objective
     model.config.mirror_average = config.mirror_average
     model.backbone.requires_grad_(not config.freeze_backbone)  # frozen: no backbone graph, ~3x cheaper steps
@@ -310,13 +322,11 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
         model.backbone.init_whitening(model.normalize(train_images[:5000]))
     model = model.to(memory_format=torch.channels_last)
     bf16 = use_bf16(config.amp, device)
-    optimizer = make_optimizer(model, config)
+    schedule = plan_schedule(len(dataset.train), config.batch_size, config.epochs, world_size)
+    batch_size, steps_per_epoch, total_steps, epochs = (schedule.batch_size, schedule.steps_per_epoch,
+                                                        schedule.total_steps, schedule.epochs)
+    optimizer = make_optimizer(model, config, batch_size)
     lookahead = {k: v.clone() for k, v in model.state_dict().items()} if config.lookahead else None
-
-    global_batch = config.batch_size * world_size
-    steps_per_epoch = max(1, len(dataset.train) // global_batch)
-    total_steps = max(1, math.ceil(config.epochs * steps_per_epoch))
-    epochs = math.ceil(total_steps / steps_per_epoch)
     start_epoch, step, history = 0, 0, []
     if config.resume:
         state = load_checkpoint(out, model, optimizer, lookahead)
@@ -324,22 +334,25 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not classes_trained) \
         if world_size > 1 else model
     if rank == 0:
+        tqdm.write(f"training {schedule.describe(len(dataset.train))}")
         save_train_config(config, out)
         # From the checkpoint's history: an epoch logged after the last checkpoint is not counted twice.
         (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)  # a resumed run counts on
+    # Counted since the last record: a small set's epochs are recorded (evaluated, checkpointed) a few at a time
+    window_start, seen, loss_sum, correct, saturated = time.perf_counter(), 0, 0.0, 0, 0.0
     for epoch in range(start_epoch, epochs):
         generator.manual_seed(config.seed * 1000 + epoch)  # per-epoch seed: a resumed run sees the same batches
         order = torch.randperm(len(dataset.train), generator=generator, device=device)
-        order = order[rank * config.batch_size * steps_per_epoch:][:config.batch_size * steps_per_epoch]
-        epoch_start, seen, loss_sum, correct, saturated = time.perf_counter(), 0, 0.0, 0, 0.0
+        order = order[rank * batch_size * steps_per_epoch:][:batch_size * steps_per_epoch]
+        epoch_start, epoch_seen = time.perf_counter(), seen
         set_train_mode(model, config.freeze_backbone)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0, leave=False)
         for batch_index in bar:
             if step >= total_steps:
                 break
-            index = order[batch_index * config.batch_size:(batch_index + 1) * config.batch_size]
+            index = order[batch_index * batch_size:(batch_index + 1) * batch_size]
             mirror = mirrored(index, epoch, generator, first_epoch_flips) if flip else None
             images = augment(train_images[index], config.translate, mirror, generator)
             images = images.contiguous(memory_format=torch.channels_last)
@@ -366,45 +379,76 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
                 correct += (logits.argmax(1) == labels).sum().item()
             else:  # the fraction of target bits hit
                 correct += ((latent > 0) == (targets > 0.5)).float().mean(1).sum().item()
-            rate = seen * world_size / (time.perf_counter() - epoch_start)
+            rate = (seen - epoch_seen) * world_size / (time.perf_counter() - epoch_start)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
         if lookahead is not None and step >= total_steps:
             _lookahead_update(model, lookahead, 1.0)  # finish on the averaged weights
-        if not config.freeze_backbone:  # a frozen backbone keeps the statistics it came with
-            recompute_batchnorm_statistics(model, train_images[:BN_STATISTICS_IMAGES], config.batch_size, bf16)
-        if rank != 0:
+        if (epoch + 1) % schedule.record_every and epoch + 1 < epochs:
             continue
-        train_seconds = time.perf_counter() - epoch_start
-        has_validation = dataset.test is not None and classes_trained
-        val_acc = evaluate(model, dataset.test, device, bf16) if has_validation else None
-        record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(1, seen),
-                      train_acc=correct / max(1, seen), val_acc=val_acc, latent_saturated=saturated / max(1, seen),
-                      epoch_seconds=round(train_seconds, 2),
-                      images_per_second=round(seen * world_size / train_seconds, 1),
-                      elapsed_seconds=round(time.perf_counter() - started, 2))
-        history.append(record)
-        if record["latent_saturated"] > 0.25:
-            tqdm.write(f"warning: {record['latent_saturated']:.0%} of the latent layer's outputs are saturated (the "
-                       "sigmoid's slope below 1% of its peak): the codes have stopped learning; lower --lr")
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        val_text = f"val acc {val_acc:.4f}" if val_acc is not None else \
-            "no validation set" if classes_trained else "no class outputs (cnnh)"
-        tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, train "
-                   f"{'acc' if classes_trained else 'target-bit acc'} {record['train_acc']:.4f}, {val_text}, "
-                   f"{record['images_per_second']:.0f} img/s")
-        save_checkpoint(out, model, optimizer, lookahead, epoch + 1, step, history)
-    summary = dict(epochs=epochs, seconds=round(time.perf_counter() - started, 1), history=history)
+        if not config.freeze_backbone:  # a frozen backbone keeps the statistics it came with
+            recompute_batchnorm_statistics(model, train_images[:BN_STATISTICS_IMAGES], batch_size, bf16)
+        if rank == 0:
+            train_seconds = time.perf_counter() - window_start
+            has_validation = dataset.test is not None and classes_trained
+            val_acc = evaluate(model, dataset.test, device, bf16) if has_validation else None
+            record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(1, seen),
+                          train_acc=correct / max(1, seen), val_acc=val_acc, latent_saturated=saturated / max(1, seen),
+                          epoch_seconds=round(train_seconds, 2),  # since the last record (schedule.record_every)
+                          images_per_second=round(seen * world_size / train_seconds, 1),
+                          elapsed_seconds=round(time.perf_counter() - started, 2))
+            history.append(record)
+            if record["latent_saturated"] > 0.25:
+                tqdm.write(f"warning: {record['latent_saturated']:.0%} of the latent layer's outputs are saturated "
+                           "(the sigmoid's slope below 1% of its peak): the codes have stopped learning; lower --lr")
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            val_text = f"val acc {val_acc:.4f}" if val_acc is not None else \
+                "no validation set" if classes_trained else "no class outputs (cnnh)"
+            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, train "
+                       f"{'acc' if classes_trained else 'target-bit acc'} {record['train_acc']:.4f}, {val_text}, "
+                       f"{record['images_per_second']:.0f} img/s")
+            save_checkpoint(out, model, optimizer, lookahead, epoch + 1, step, history)
+        window_start, seen, loss_sum, correct, saturated = time.perf_counter(), 0, 0.0, 0, 0.0
+    summary = dict(epochs=epochs, steps=step, batch_size=batch_size, schedule=schedule.reason,
+                   seconds=round(time.perf_counter() - started, 1), history=history)
     if rank == 0:
         if dataset.test is not None and classes_trained:
             summary["val_acc"] = history[-1]["val_acc"] if history else None
             if config.tta:
                 summary["val_acc_tta"] = evaluate(model, dataset.test, device, bf16, tta=dataset.mirror_invariant)
+        summary["codes"] = check_codes(model, dataset, config.keep_collapsed)
         summary["fingerprint"] = save_model(model, out)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return summary
+
+
+CODE_CHECK_IMAGES = 1000  # held-out images whose codes are counted after training
+
+
+@torch.no_grad()
+def check_codes(model: HashingNet, dataset: Dataset, keep_collapsed: bool, batch_size: int = 250) -> dict:
+    """Distinct codes and stuck bits of the validation images (training images without them), as the summary
+    records them. Codes that cannot tell the classes apart (issue 35: ten steps gave 400 photos one code) refuse
+    the model unless it is kept on purpose."""
+    held_out = dataset.test is not None
+    data = dataset.test if held_out else dataset.train
+    images = data.images[:CODE_CHECK_IMAGES]
+    codes = np.concatenate([model.eval().encode(images[start:start + batch_size])[0]
+                            for start in range(0, len(images), batch_size)])
+    spread = code_spread(codes, model.config.bits, data.labels[:CODE_CHECK_IMAGES].numpy())
+    where = "validation images" if held_out else "training images (no validation set)"
+    if spread.collapsed:
+        text = f"the codes cannot tell the classes apart: {spread.describe()} ({where})"
+        if not keep_collapsed:
+            raise UserError(f"{text}. Train longer (--epochs), start from trained weights (--pretrained or "
+                            "--weights), or give --keep-collapsed to keep the model anyway")
+        tqdm.write(f"warning: {text}; kept (--keep-collapsed)")
+    elif spread.mostly_stuck:
+        tqdm.write(f"note: {spread.stuck_bits} of {spread.bits} bits are the same on all {spread.images} {where}: "
+                   "they tell no images apart; fewer --bits would do, or train longer")
+    return dict(asdict(spread), images_from="validation" if held_out else "training")
 
 
 SKIPPED_FILE = "skipped-files.json"

@@ -5,13 +5,16 @@ backbone features (what the latent layer reads) are kept for Euclidean re-rankin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import timm
@@ -136,19 +139,83 @@ def create_model(
         raise UserError(f"--bits must be at least 1, got {bits}")
     if len(class_names) < 2:
         raise UserError(f"need at least two classes to train, found {len(class_names)}")
-    check_backbone_name(backbone)
+    return hashing_net(create_backbone(backbone, pretrained, weights), backbone, bits, class_names, input_size)
+
+
+def create_backbone(name: str, pretrained: bool = False, weights: str | os.PathLike | None = None) -> nn.Module:
+    """A timm backbone without its classifier; `pretrained` = timm's hub weights, `weights` = a local file."""
+    check_backbone_name(name)
     try:
-        net = timm.create_model(backbone, pretrained=pretrained, num_classes=0)
+        net = (_create_offline(name) if pretrained and not hub_reachable()
+               else timm.create_model(name, pretrained=pretrained, num_classes=0))
     except (ValueError, RuntimeError, OSError) as error:
-        raise UserError(f"could not create backbone '{backbone}' (pretrained={pretrained}): {error}") from error
-    data_config = timm.data.resolve_data_config({}, model=net)
-    mean = tuple(data_config.get("mean", IMAGENET_MEAN))
-    std = tuple(data_config.get("std", IMAGENET_STD))
+        raise UserError(f"could not create backbone '{name}' (pretrained={pretrained}): "
+                        f"{first_line(error)}") from error
     if weights is not None:
         load_backbone_weights(net, weights)
+    return net
+
+
+def _create_offline(name: str) -> nn.Module:
+    """The backbone with hub weights from the local cache, or at once one line saying they cannot be had."""
+    from urllib.error import URLError
+
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        with hub_offline():
+            return timm.create_model(name, pretrained=True, num_classes=0)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, URLError):  # URLError: weights hosted elsewhere
+        raise UserError(f"--pretrained: {name}'s weights are not in the local cache and {hub_endpoint()} cannot "
+                        "be reached (no internet?); run once with internet, or give a local file with "
+                        "--weights") from None
+
+
+def hashing_net(net: nn.Module, backbone: str, bits: int, class_names: list[str], input_size: int) -> HashingNet:
+    """The hashing network on a built backbone, normalising images as the backbone's weights expect."""
+    data_config = timm.data.resolve_data_config({}, model=net)
     config = ModelConfig(backbone=backbone, bits=bits, class_names=list(class_names), input_size=input_size,
-                         mean=mean, std=std)
+                         mean=tuple(data_config.get("mean", IMAGENET_MEAN)),
+                         std=tuple(data_config.get("std", IMAGENET_STD)))
     return HashingNet(config, net)
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to its first line: libraries append paragraphs of advice to theirs."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@functools.cache
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers at all (through the same client and proxies a download uses). Asked
+    once, with a short timeout: offline, huggingface_hub retries each file for ~50 s before it gives up."""
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(hub_endpoint(), timeout=timeout)
+        return True
+    except Exception:  # any failure to get an answer (DNS, refused, timeout, TLS): not reachable
+        return False
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub's offline mode (its HF_HUB_OFFLINE setting, read when it was imported) for a block."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -157,6 +224,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
+    if not path.is_file():
+        raise UserError(f"cannot read --weights file {path}: no such file")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -166,8 +235,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
                 state = state["state_dict"]
             if isinstance(state, dict) and "model" in state:
                 state = state["model"]
-    except Exception as error:  # any unreadable file: the user gets one line
-        raise UserError(f"cannot read --weights file {path}: {error}") from error
+    except Exception as error:  # any unreadable file: one line, not torch's paragraphs of advice
+        raise UserError(f"cannot read --weights file {path}: not a .safetensors file or a state dict that "
+                        f"torch.load reads with weights_only=True ({type(error).__name__}: {first_line(error)})") \
+            from None
     if not isinstance(state, dict):
         raise UserError(f"--weights file {path} holds no state dict")
     own = backbone.state_dict()

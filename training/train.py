@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 
 from training.config import CHECKPOINT, FORMATS, OBJECTIVES, TrainConfig
-from training.errors import UserError, program_name, run_cli
+from training.cli import program_name, run_cli
+from training.errors import UserError
+from training.schedule import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH
 
 def check_config(config: TrainConfig) -> None:
     """Every argument that can be checked without data, checked before any image is decoded or any folder is
@@ -24,7 +26,7 @@ def check_config(config: TrainConfig) -> None:
 
     for name, value, low in (("bits", config.bits, 1), ("batch-size", config.batch_size, 1),
                              ("input-size", config.input_size, 8)):
-        if value < low:
+        if value is not None and value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}")
     if config.input_size > MAX_INPUT_SIZE:
         raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {config.input_size}")
@@ -37,7 +39,7 @@ def check_config(config: TrainConfig) -> None:
         raise UserError("--aux-weight trains the backbone faster; with --freeze-backbone it would change nothing")
     for name, value in (("epochs", config.epochs), ("lr", config.lr),
                         ("norm-bias-lr-scale", config.norm_bias_lr_scale)):
-        if not math.isfinite(value) or value <= 0:
+        if value is not None and (not math.isfinite(value) or value <= 0):
             raise UserError(f"--{name} must be a positive number, got {value}")
     if not 0 < config.warmup < 1:
         raise UserError(f"--warmup must be in (0, 1), got {config.warmup}")
@@ -103,8 +105,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--input-size", type=int, default=defaults.input_size,
                         help="image side in pixels for folders (default %(default)s)")
     parser.add_argument("--epochs", type=float, default=defaults.epochs,
-                        help="passes over the training set; fractions allowed (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default %(default)s)")
+                        help=f"passes over the training set; fractions allowed (default {DEFAULT_EPOCHS:g}, or as "
+                        f"many as make {MIN_STEPS} steps on a small set)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                        help=f"images a step (default {DEFAULT_BATCH_SIZE}, or smaller on a small set, for at least "
+                        f"{MIN_STEPS_PER_EPOCH} steps an epoch)")
     parser.add_argument("--lr", type=float, default=defaults.lr,
                         help="peak learning rate at batch 1024, scaled with --batch-size (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, metavar="FRACTION",
@@ -146,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         "codes (fewer wrong bits) at twice the cost of building and querying a catalog")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    parser.add_argument("--keep-collapsed", action="store_true",
+                        help="save the model even when its codes cannot tell the classes apart (fewer distinct codes "
+                        "on the validation images than classes); without it such a run fails and leaves nothing")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--val-split", type=float, default=defaults.val_split,
                         help="held-out fraction for folders without a test/ split (default %(default)s)")
@@ -160,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = ""
         if summary.get("val_acc") is not None:
             tta = f" ({summary['val_acc_tta']:.4f} with TTA)" if "val_acc_tta" in summary else ""
-            accuracy = f": val acc {summary['val_acc']:.4f}{tta}"
-        print(f"done in {summary['seconds']:.0f}s{accuracy}; model in {config.out}")
+            accuracy = f", val acc {summary['val_acc']:.4f}{tta}"
+        codes = summary["codes"]
+        print(f"done in {summary['seconds']:.0f}s: {summary['steps']} steps of batch {summary['batch_size']} "
+              f"({summary['schedule']}){accuracy}; {codes['distinct']} distinct code(s) among {codes['images']} "
+              f"{codes['images_from']} images; model in {config.out}")
         return 0
 
     return run_cli(body, interrupted="interrupted: re-run with --resume to continue from the last finished epoch")

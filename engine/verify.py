@@ -63,6 +63,9 @@ def verify_catalog(catalog_dir: str | os.PathLike, repair: bool = False) -> Repo
         kept += len(catalog.lost)
         found = [Finding(*finding) for finding in catalog.verify()]
         report.findings += found
+        unusable = _product_findings(catalog)  # the user's data, not damage: reported, never deleted
+        report.findings += unusable
+        kept += len(unusable)
         orphans = orphan_uploads(path, catalog)  # before damaged items go: their photos are kept
         if orphans:
             report.findings.append(Finding(UPLOADS, None, f"{len(orphans)} photos belong to no item (an add or a "
@@ -79,6 +82,22 @@ def verify_catalog(catalog_dir: str | os.PathLike, repair: bool = False) -> Repo
             report.repaired.append("rebuilt every shard's search index from its items")
     report.unrepaired = kept if repair else len(report.findings)
     return report
+
+
+def _product_findings(catalog) -> list[Finding]:
+    """Items whose product metadata every search that returns them would fail to answer (non-finite numbers,
+    nesting too deep), as older versions accepted it."""
+    from engine.errors import InputError
+    from engine.metadata import check_product_metadata
+
+    findings = []
+    for item, meta in catalog.metadata_items():
+        try:
+            check_product_metadata((meta or {}).get("metadata"))
+        except InputError as error:
+            findings.append(Finding("metadata", item, f"{error}: delete the item and add it again with valid "
+                                                      "metadata"))
+    return findings
 
 
 def _report_repairs_on_open(catalog, report: Report, rolled_back: bool) -> None:
@@ -160,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             for action in report.repaired:
                 print(f"repaired: {action}")
             left = f", {report.unrepaired} not repaired" if args.repair and report.unrepaired else ""
-            print(f"{report.items} items checked, {len(report.findings)} problems found{left}")
+            found = len(report.findings)
+            print(f"{report.items} items checked, {found} {'problem' if found == 1 else 'problems'} found{left}")
         return 1 if report.unrepaired else 0
 
     return run_cli(body)

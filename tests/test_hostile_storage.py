@@ -51,7 +51,8 @@ def test_an_import_takes_no_image_folders_from_the_file(tmp_path, cli_env):
     assert item_image("/etc/passwd", record.image_roots) is None and item_image(str(mine), record.image_roots) is None
     from fastapi.testclient import TestClient
 
-    from engine.serve import Service, create_app
+    from engine.api.app import create_app
+    from engine.api.service import Service
     with TestClient(create_app(Service(tmp_path / "plain", read_only=True))) as client:
         answer = client.get("/items/0/image")
         assert answer.status_code == 404 and b"root:" not in answer.content
@@ -120,7 +121,7 @@ def test_an_import_checks_what_a_file_declares_before_reading_it(tmp_path, cli_e
     assert "'ids' declares 100000000 rows but the file does not store them" in result.stderr, result.stderr
     status, peak = map(int, result.stdout.split())
     assert status == 2 and peak < 600 << 10, f"peak RSS {peak >> 10} MiB"  # its ids alone are 763 MiB
-    with pytest.raises(UserError, match="holds 1000000000 items, more than --max-items 10000000"):
+    with pytest.raises(UserError, match="holds 1000000000 items, more than max_items 10000000"):
         import_hdf5(unwritten_export(tmp_path / "huge.h5", 10**9), tmp_path / "c", progress=False)
     with pytest.raises(UserError, match="MiB are free"):
         import_hdf5(unwritten_export(tmp_path / "vast.h5", 10**13), tmp_path / "c", progress=False,
@@ -355,3 +356,17 @@ def test_a_catalog_the_user_cannot_write_is_read_without_being_called_damaged(tm
         assert "writer.lock: cannot open for writing (Permission denied)" in out["writer"]
     finally:
         shutil.rmtree(outside)
+
+
+def test_verify_reports_stored_metadata_that_would_break_searches_and_keeps_the_items(tmp_path, cli_env):
+    ids, codes, features, metas = items(30)
+    metas[4]["metadata"] = {"price": float("nan")}  # as a version before the metadata checks stored it
+    metas[9]["metadata"] = {"title": "fine", "price": 12.5}
+    with Catalog.create(tmp_path / "c", BITS, DIM, shards=2) as catalog:
+        catalog.add(ids, codes, features, metas)
+    for repair in ([], ["--repair"]):
+        result = cli("engine.verify", ["--catalog", tmp_path / "c", *repair], cli_env)
+        assert result.returncode == 1 and "Traceback" not in result.stderr + result.stdout
+        assert f"item {ids[4]}" in result.stdout + result.stderr and f"item {ids[9]}" not in result.stdout
+    with Catalog.open(tmp_path / "c") as catalog:
+        assert len(catalog) == 30  # the user's data: reported, never deleted

@@ -367,7 +367,7 @@ def test_garbage_in_feature_rows_is_found_by_verify_and_by_search(tmp_path, cli_
     data.write_bytes(raw.replace(row, garbage.tobytes()))
     result = cli("engine.verify", ["--catalog", catalog], cli_env)
     assert result.returncode == 1
-    assert f"item {victim}\tchecksum mismatch" in result.stdout and "1 problems found" in result.stdout
+    assert f"item {victim}\tchecksum mismatch" in result.stdout and "1 problem found" in result.stdout
     with Catalog.open(catalog) as reader:
         with pytest.raises(DamagedError, match=f"items \\[{victim}\\] are damaged"):  # it would be returned
             reader.search(codes[10:11], garbage[None].astype(np.float32), k=5)
@@ -376,7 +376,8 @@ def test_garbage_in_feature_rows_is_found_by_verify_and_by_search(tmp_path, cli_
         assert len(reader.search(codes[11:12], features[11:12], k=5)[0]) == 5  # the rest still answers
     from fastapi.testclient import TestClient
 
-    from engine.serve import Service, create_app
+    from engine.api.app import create_app
+    from engine.api.service import Service
     with TestClient(create_app(Service(catalog, read_only=True))) as client:  # damage is the server's fault
         answer = client.get(f"/search?id={victim}&k=5")
         assert answer.status_code == 500 and "damaged" in answer.json()["error"]
@@ -444,7 +445,7 @@ def test_crafted_hdf5_imports_are_refused_and_leave_no_catalog(tmp_path):
         with pytest.raises(InputError, match=message):
             import_hdf5(file, target, progress=False)
         assert not target.exists()
-    with pytest.raises(InputError, match="more than --max-items 10"):
+    with pytest.raises(InputError, match="more than max_items 10"):
         import_hdf5(write_h5(tmp_path / "big.h5"), tmp_path / "big", progress=False, max_items=10)
 
 

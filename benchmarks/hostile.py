@@ -158,7 +158,7 @@ def refused(result: subprocess.CompletedProcess) -> bool:
 def server(ctx: Context, tally: Tally, catalog: Path, *options: str,
            env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m engine.serve` on 127.0.0.1 (running_server); its log is read for tracebacks afterwards."""
-    from engine.serve import running_server
+    from tests.server_harness import running_server
 
     log = ctx.logs / f"server-{len(list(ctx.logs.iterdir())):03d}.log"
     try:
@@ -441,7 +441,7 @@ def hole_request_bodies(ctx: Context, tally: Tally, trials: int) -> None:
     catalog = copy_catalog(ctx, ctx.shop, "bodies")
     spool = ctx.folder("bodies-tmp")
     limit = 2 << 20
-    allowed = limit + (1 << 20)  # the upload limit and the form's slack (engine.serve.FORM_SLACK)
+    allowed = limit + (1 << 20)  # the upload limit and the form's slack (engine.api.middleware.FORM_SLACK)
     whole = len(FORM_HEAD) + len(FORM_END)
     shapes = [("300 MB, declared", 300 << 20, (300 << 20) + whole, {413}),
               ("300 MB, chunked", 300 << 20, None, {413}),
@@ -1143,7 +1143,7 @@ def hole_declared_rows(ctx: Context, tally: Tally, trials: int) -> None:
 
     base = ctx.folder("declared")
     unstored = ("does not store them", "MiB are free")  # whichever check comes first: both read no row
-    cases = [(10**8, ["--max-items", 10**9], unstored), (10**9, [], ("more than --max-items",)),
+    cases = [(10**8, ["--max-items", 10**9], unstored), (10**9, [], ("items, more than",)),
              (10**13, ["--max-items", 10**14], ("MiB are free",)), (3 * 10**8, ["--max-items", 10**9], unstored),
              (10**8, ["--max-items", 10**9, "--shards", 2], unstored)]
 

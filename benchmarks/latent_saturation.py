@@ -53,15 +53,15 @@ def main() -> None:
     shutil.copytree(source, out, ignore=shutil.ignore_patterns(CHECKPOINT, CHECKPOINT_STATE) if args.fresh else None)
     config = replace(started, out=str(out), resume=not args.fresh, tta=False, data=args.data or started.data,
                      **dict(args.set))
-    save_train_config(config, out)  # the probe's copy changes flags on purpose: --resume must accept them
+    save_train_config(config, out)  # the probe's copy changes settings on purpose: resuming must accept them
     print(f"machine: {machine()}; {args.run} {'from scratch' if args.fresh else 'from its checkpoint'}; "
           f"changed: {dict(args.set) or 'nothing'}", flush=True)
 
     seen: dict = {}
-    create_model, hashing_loss, make_optimizer = loop.create_model, loop.hashing_loss, loop.make_optimizer
+    hashing_net, hashing_loss, make_optimizer = loop.hashing_net, loop.hashing_loss, loop.make_optimizer
 
     def watched_model(*a, **k):
-        model = create_model(*a, **k)
+        model = hashing_net(*a, **k)
 
         def latent_hook(module, inputs, output):
             pre = output.detach().float()
@@ -76,8 +76,8 @@ def main() -> None:
         seen["loss"] = loss.item()
         return loss
 
-    def watched_optimizer(model, config):
-        optimizer = make_optimizer(model, config)
+    def watched_optimizer(model, config, batch_size):
+        optimizer = make_optimizer(model, config, batch_size)
         names = {id(p): n for n, p in model.named_parameters()}
         step = optimizer.step
 
@@ -107,7 +107,7 @@ def main() -> None:
         optimizer.step = logged_step
         return optimizer
 
-    loop.create_model, loop.hashing_loss, loop.make_optimizer = watched_model, watched_loss, watched_optimizer
+    loop.hashing_net, loop.hashing_loss, loop.make_optimizer = watched_model, watched_loss, watched_optimizer
     begin = time.perf_counter()
     try:
         loop.run(config)

@@ -29,12 +29,12 @@ from engine.metrics import retrieval_metrics, two_stage_metrics
 from training.config import read_train_config
 from training.data import Dataset, load_dataset
 from training.gist import gist
-from training.hashers import HASHERS, SUPERVISED, fit_hasher
+from training.hashers import CODE_MAKERS, SUPERVISED, fit_code_maker
 from training.model import load_model
 from training.train import TrainConfig, train
 
 NETWORKS = ("latent", "cnnh", "cnnh+")
-METHODS = ("latent", *HASHERS, "cnnh", "cnnh+")
+METHODS = ("latent", *CODE_MAKERS, "cnnh", "cnnh+")
 # Lin et al. 2015, Table 1 (CIFAR-10 mAP). Only their own row was measured by them; the baseline rows were
 # copied from Xia et al. (AAAI 2014), who used another split and protocol (docs/ARCHITECTURE.md, "Evaluation protocol").
 PAPER_CIFAR10 = {
@@ -135,10 +135,10 @@ def score(args: argparse.Namespace, labels: tuple[np.ndarray, np.ndarray], metho
 def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
     data = load_dataset(args.data, args.dataset)
     labels = (data.test.labels.numpy(), data.train.labels.numpy())
-    hashers = [m for m in args.methods if m in HASHERS]
-    gist_vectors = gist_features(args, data) if hashers and "gist" in args.features else None
+    code_makers = [m for m in args.methods if m in CODE_MAKERS]
+    gist_vectors = gist_features(args, data) if code_makers and "gist" in args.features else None
     networks = [m for m in NETWORKS if m in args.methods]
-    if hashers and "backbone" in args.features and "latent" not in networks:
+    if code_makers and "backbone" in args.features and "latent" not in networks:
         networks.insert(0, "latent")  # its backbone features are what the code makers hash
     rows = []
     for bits in args.bits:
@@ -157,17 +157,17 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
                 rows.append(score(args, labels, objective, label, bits, (query_codes, db_codes),
                                   (query_vectors, db_vectors), model=str(model_dir), fit_seconds=train_seconds,
                                   encode_seconds=encode_seconds))
-        for method in hashers:
+        for method in code_makers:
             for label, vectors in (feature_sets[features] for features in args.features):
                 if bits > vectors[1].shape[1] and method in ("itq", "itq-cca"):
                     print(f"skipping {method} ({label}) at {bits} bits: more bits than feature dimensions")
                     continue
-                hasher = fit_hasher(method, vectors[1], bits, labels[1] if method in SUPERVISED else None,
-                                    seed=args.seed)
+                maker = fit_code_maker(method, vectors[1], bits, labels[1] if method in SUPERVISED else None,
+                                       seed=args.seed)
                 start = time.perf_counter()
-                codes = (hasher.encode(vectors[0]), hasher.encode(vectors[1]))
+                codes = (maker.encode(vectors[0]), maker.encode(vectors[1]))
                 rows.append(score(args, labels, method, label, bits, codes, vectors,
-                                  fit_seconds=hasher.fit_seconds, encode_seconds=time.perf_counter() - start))
+                                  fit_seconds=maker.fit_seconds, encode_seconds=time.perf_counter() - start))
     return rows, data
 
 

@@ -6,8 +6,9 @@ accuracy and mAP@1000 land? (issue 16)
       --variant default= --variant fp32="--amp off" --variant nb32="--norm-bias-lr-scale 32"
   python benchmarks/seed_spread.py --out runs/spread --report     # the table of the runs in OUT
 
-Each run is the README's 48-bit command (`--recipe` replaces it) plus its variant's flags and `--seed S`, in a
-process of its own; `--parallel` runs share the machine (one GPU, or the cores split among them). A finished
+Each run is training.train's `--recipe cifar10-48` (README's 48-bit command; `--recipe` names another recipe
+or gives the flags themselves) plus its variant's flags and `--seed S`, in a process of its own; `--parallel`
+runs share the machine (one GPU, or the cores split among them). A finished
 run encodes the test and training sets and scores them on the paper's protocol (as benchmarks/paper_table.py:
 mAP@1000 by Hamming ranking and by the two-stage search), and keeps its packed codes. With `--deadline`, no run
 starts that the finished ones say cannot end in time, and runs still going at the deadline are stopped and
@@ -28,10 +29,20 @@ from pathlib import Path
 
 import common  # noqa: F401
 from common import machine
+from training.recipes import RECIPES
 
-RECIPE = ("--backbone cifar_convnet --bits 48 --epochs 15 --batch-size 1024 --label-smoothing 0.2 --mirror-average "
-          "--aux-weight 1 --lr 0.4 --warmup 0.14 --alternating-flip --clip-grad-norm 1")  # README.md's 48-bit command
+RECIPE = "cifar10-48"  # README.md's 48-bit command
 TOP_K = 1000
+
+
+def recipe_flags(text: str) -> list[str]:
+    """The training.train flags of `--recipe`: a named recipe (training/recipes.py), or the flags themselves as
+    before recipes had names."""
+    if text in RECIPES:
+        return ["--recipe", text]
+    if text.startswith("-"):
+        return shlex.split(text)
+    raise argparse.ArgumentTypeError(f"'{text}' is neither a recipe ({', '.join(RECIPES)}) nor training.train flags")
 
 
 def first_rise(losses: list[float]) -> str:
@@ -101,7 +112,7 @@ def schedule(args: argparse.Namespace, variants: dict[str, list[str]]) -> None:
             run_dir = args.out / name / f"seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, __file__, "--one", str(run_dir), "--data", args.data, "--",
-                       *shlex.split(args.recipe), *variants[name], "--seed", str(seed), "--overwrite"]
+                       *args.recipe, *variants[name], "--seed", str(seed), "--overwrite"]
             with open(run_dir / "log.txt", "w") as log:
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                            start_new_session=True)
@@ -171,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--variant", type=parse_variant, action="append",
                         help="NAME=FLAGS added to the recipe (repeatable; default: the recipe alone, 'default')")
-    parser.add_argument("--recipe", default=RECIPE, help="training.train flags of every run, as one argument: "
-                        "--recipe='--bits 12 ...' (default: %(default)s)")
+    parser.add_argument("--recipe", type=recipe_flags, default=RECIPE,
+                        help=f"the training.train recipe of every run ({', '.join(RECIPES)}), or its flags as one "
+                        f"argument: --recipe='--bits 12 ...' (default: {RECIPE})")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
     parser.add_argument("--deadline", type=float, help="seconds: start no run that cannot end by then")
     parser.add_argument("--report", action="store_true", help="only print the table of the runs in --out")

@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="default: a temporary folder, removed at the end")
     args = parser.parse_args()
     from engine.search import Searcher
-    from engine.serve import running_server
+    from tests.server_harness import running_server
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="latenthash-load-"))
     print(f"machine: {machine()}")

@@ -56,7 +56,7 @@ def search(base: str, data: bytes) -> int:
 
 def attack(catalog: Path, query: bytes, upload: bytes, clients: int, *options: str) -> dict:
     """Idle and peak RSS of a server while `clients` searches with `upload` run at once."""
-    from engine.serve import running_server
+    from tests.server_harness import running_server
 
     with running_server(catalog, None, *options) as (base, server):
         assert search(base, query) == 200  # the model's first inference is part of idling, not of the attack

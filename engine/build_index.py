@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, item_metadata, label_of,
-                           read_metadata_file, read_record, regular_file_status, write_record)
+from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, item_id, item_record, label_of,
+                           model_config, read_metadata_file, read_record, regular_file_status, write_record)
 from shards.codes import MAX_BITS
 from shards.index import INDEX_TYPES, describe_index_types
 from training.collapse import SAMPLE as SPREAD_SAMPLE, CodeSpread, code_spread
@@ -31,6 +31,7 @@ from training.images import list_images
 if TYPE_CHECKING:  # the modules that import torch and Faiss load when a build starts, not for --help
     from engine.encode import EncodedBatch, Encoder
     from shards import Catalog
+    from training.model import HashingNet
 
 REPORT_FILE = "build-report.json"
 
@@ -52,23 +53,91 @@ class BuildSummary:
     codes: dict | None = None  # training.collapse.CodeSpread of the images indexed by this run
 
 
-def open_or_create_catalog(catalog_dir: Path, encoder: Encoder, shards: int, index: str) -> Catalog:
-    from shards import Catalog
+def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, catalog_dir: str | os.PathLike,
+                shards: int = 4, index: str = "flat", batch_size: int = 256, workers: int | None = None,
+                device: str = "auto", prune: bool = False, progress: bool = True, codes: str | None = None,
+                code_bits: int | None = None, fit_samples: int = 20000,
+                metadata: str | os.PathLike | None = None, ray: str | None = None) -> BuildSummary:
+    """Index (or update) a catalog. `codes` = latent (the model's codes) or a code maker of training.hashers,
+    fitted on the model's features of a new catalog and kept with it; an existing catalog keeps its own.
+    `metadata`: a JSON-lines file of product metadata, one object per image with its `path` under `image_dir`;
+    an item whose metadata changed is indexed again. `ray`: a Ray address (`local`, `auto`, HOST:PORT) whose
+    actors decode and encode (`workers` of them; default one per GPU, else per CPU) while this process commits."""
+    started = time.perf_counter()
+    root = Path(image_dir).resolve()
+    _check_arguments(image_dir, model_dir, shards, batch_size, fit_samples, codes, code_bits)
+    if ray is not None:  # first: Ray's processes start while this one loads torch and the model
+        from shards.cluster import connect
 
-    if (catalog_dir / "manifest.json").exists():
-        catalog = Catalog.open(catalog_dir, readonly=False, model_fingerprint=encoder.fingerprint)
-        if catalog.bits != encoder.bits or catalog.manifest.feature_dim != encoder.feature_dim:
-            catalog.close()
-            raise InputError(f"catalog {catalog_dir} holds {catalog.bits}-bit codes with "
-                            f"{catalog.manifest.feature_dim}-d features; the encoder makes {encoder.bits} bits, "
-                            f"{encoder.feature_dim}-d")
-        return catalog
-    return Catalog.create(catalog_dir, bits=encoder.bits, feature_dim=encoder.feature_dim,
-                          shards=shards, index=index, model_fingerprint=encoder.fingerprint)
+        connect(ray)
+    from shards import catalog_exists, open_or_create
+    from training.model import load_model, pick_device
+
+    listed = list_images(root)
+    if not listed:
+        raise InputError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
+    files, stats, bad_entries = _regular_files(listed)
+    products, unmatched = read_metadata_file(metadata, root) if metadata is not None else ({}, [])
+    catalog_dir = Path(catalog_dir)
+    record = read_record(catalog_dir) if catalog_exists(catalog_dir) else None
+    # With Ray the actors take the model to their own devices; this process only commits.
+    model = load_model(model_dir, device=pick_device("cpu" if ray is not None else device))
+    encoder = _encoder(model, catalog_dir, record, codes, code_bits, files, root, fit_samples, batch_size, workers,
+                       progress)
+    summary = BuildSummary(found=len(listed), failures=bad_entries, metadata_unmatched=unmatched)
+    with open_or_create(catalog_dir, encoder.bits, encoder.feature_dim, shards, index,
+                        model_fingerprint=encoder.fingerprint) as catalog:
+        _record_encoder(catalog_dir, record, encoder, model_dir, root)
+        ids = np.array([item_id(f) for f in files], dtype=np.int64)
+        todo = _todo(catalog, ids, files, stats, products, summary)
+        if prune:
+            summary.pruned = _prune(catalog, root, set(ids.tolist()))
+        new_codes, new_labels = _index(catalog, encoder, ids, files, stats, products, todo, root, batch_size,
+                                       workers, ray, progress, summary)
+    summary.failed = len(summary.failures)
+    if new_codes:
+        summary.codes = asdict(code_spread(np.concatenate(new_codes), encoder.bits, new_labels))
+    summary.seconds = round(time.perf_counter() - started, 2)
+    (catalog_dir / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    return summary
 
 
-def fit_code_maker(model, method: str, bits: int, files: list[Path], root: Path, samples: int, batch_size: int,
-                   workers: int | None, progress: bool) -> Encoder:
+def _check_arguments(image_dir: str | os.PathLike, model_dir: str | os.PathLike, shards: int, batch_size: int,
+                     fit_samples: int, codes: str | None, code_bits: int | None) -> None:
+    """Refuse bad arguments before anything loads or is written."""
+    if not Path(image_dir).is_dir():
+        raise InputError(f"image directory {image_dir} does not exist or is not a directory")
+    for name, value in (("shards", shards), ("batch size", batch_size), ("fit samples", fit_samples)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    if codes is not None and codes not in CODES:
+        raise InputError(f"codes must be one of {', '.join(CODES)}, not '{codes}'")
+    if code_bits is not None and not 1 <= code_bits <= MAX_BITS:
+        raise InputError(f"code bits must be in [1, {MAX_BITS}], got {code_bits}")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise InputError(f"{model_dir} is not a latenthash model directory (no config.json)")
+
+
+def _encoder(model: HashingNet, catalog_dir: Path, record: EngineRecord | None, codes: str | None,
+             code_bits: int | None, files: list[Path], root: Path, fit_samples: int, batch_size: int,
+             workers: int | None, progress: bool) -> Encoder:
+    """The model with the catalog's code maker: the one it keeps, or for a new catalog one fitted now (`codes`
+    other than latent)."""
+    from engine.encode import Encoder, recorded_code_maker
+
+    if record is not None:
+        if codes not in (None, record.codes):
+            raise InputError(f"catalog {catalog_dir} holds {record.codes} codes; it cannot take {codes} codes "
+                             "(build a new catalog for other codes)")
+        return Encoder(model, recorded_code_maker(catalog_dir, record))
+    if codes in (None, "latent"):
+        return Encoder(model)
+    return fit_code_maker(model, codes, code_bits or model.config.bits, files, root, fit_samples, batch_size, workers,
+                          progress)
+
+
+def fit_code_maker(model: HashingNet, method: str, bits: int, files: list[Path], root: Path, samples: int,
+                   batch_size: int, workers: int | None, progress: bool) -> Encoder:
     """Fit `method` on the features of up to `samples` images (a seeded random subset; labels from the
     subfolders for the supervised makers)."""
     import torch
@@ -80,7 +149,7 @@ def fit_code_maker(model, method: str, bits: int, files: list[Path], root: Path,
     sample = [files[p] for p in picked]
     labels = [label_of(f, root) for f in sample]
     if method in SUPERVISED and None in labels:
-        raise InputError(f"--codes {method} is supervised: put the images in one subfolder per class")
+        raise InputError(f"codes {method} are supervised: put the images in one subfolder per class")
     features, kept = [], []
     bar = tqdm(total=len(sample), desc=f"fitting {method}: encoding", unit="img", disable=not progress)
     with torch.inference_mode():
@@ -94,126 +163,84 @@ def fit_code_maker(model, method: str, bits: int, files: list[Path], root: Path,
     return Encoder(model, fit_hasher(method, np.concatenate(features), bits, label_ids))
 
 
-def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, catalog_dir: str | os.PathLike,
-                shards: int = 4, index: str = "flat", batch_size: int = 256, workers: int | None = None,
-                device: str = "auto", prune: bool = False, progress: bool = True, codes: str | None = None,
-                code_bits: int | None = None, fit_samples: int = 20000,
-                metadata: str | os.PathLike | None = None, ray: str | None = None) -> BuildSummary:
-    """Index (or update) a catalog. `codes` = latent (the model's codes) or a code maker of training.hashers,
-    fitted on the model's features of a new catalog and kept with it; an existing catalog keeps its own.
-    `metadata`: a JSON-lines file of product metadata, one object per image with its `path` under `image_dir`;
-    an item whose metadata changed is indexed again. `ray`: a Ray address (`local`, `auto`, HOST:PORT) whose
-    actors decode and encode (`workers` of them; default one per GPU, else per CPU) while this process commits."""
-    started = time.perf_counter()
-    root = Path(image_dir).resolve()
-    if not root.is_dir():
-        raise InputError(f"image directory {image_dir} does not exist or is not a directory")
-    for name, value in (("shards", shards), ("batch size", batch_size), ("fit samples", fit_samples)):
-        if value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}")
-    if code_bits is not None and not 1 <= code_bits <= MAX_BITS:
-        raise InputError(f"code bits must be in [1, {MAX_BITS}], got {code_bits}")
-    if not (Path(model_dir) / "config.json").is_file():
-        raise InputError(f"{model_dir} is not a latenthash model directory (no config.json)")
-    if ray is not None:  # first: Ray's processes start while this one loads torch and the model
-        from shards.cluster import connect
+def _record_encoder(catalog_dir: Path, record: EngineRecord | None, encoder: Encoder, model_dir: str | os.PathLike,
+                    root: Path) -> None:
+    """Keep the code maker (a new one: fitted for this catalog) and engine.json: which model and code maker made
+    the codes, and the image folders whose images items may show, this one added."""
+    if encoder.hasher is not None and record is None:
+        save_hasher(encoder.hasher, catalog_dir / CODE_MAKER_FILE)
+    roots = record.image_roots if record is not None else []
+    write_record(catalog_dir, EngineRecord(
+        model_dir=str(Path(model_dir).resolve()), model_fingerprint=encoder.model.fingerprint, codes=encoder.codes,
+        code_maker=CODE_MAKER_FILE if encoder.hasher is not None else None,
+        image_roots=roots + [str(root)] * (str(root) not in roots), model_config=model_config(encoder.model)))
 
-        connect(ray)
+
+def _todo(catalog: Catalog, ids: np.ndarray, files: list[Path], stats: list[os.stat_result],
+          products: dict[Path, dict], summary: BuildSummary) -> list[int]:
+    """Positions of the files to encode: new ones, and changed ones (size, mtime or product metadata), whose
+    old items are deleted first; the unchanged are counted."""
+    todo, changed = [], []
+    known = catalog.metadata(ids) if len(catalog) else [None] * len(ids)
+    for position, (stored, status) in enumerate(zip(known, stats)):
+        if stored is None:
+            todo.append(position)
+        elif (stored.get("size"), stored.get("mtime_ns"), stored.get("metadata")) == (
+                status.st_size, status.st_mtime_ns, products.get(files[position].resolve())):
+            summary.unchanged += 1
+        else:
+            todo.append(position)
+            changed.append(position)
+    if changed:
+        catalog.delete(ids[changed])
+        summary.reindexed = len(changed)
+    return todo
+
+
+def _index(catalog: Catalog, encoder: Encoder, ids: np.ndarray, files: list[Path], stats: list[os.stat_result],
+           products: dict[Path, dict], todo: list[int], root: Path, batch_size: int, workers: int | None,
+           ray: str | None, progress: bool, summary: BuildSummary) -> tuple[list[np.ndarray], list[str | None]]:
+    """Encode the files at `todo` and add them batch by batch (each batch one crash-safe commit), counting
+    rates into `summary`; returns a sample of the new codes and their labels (to check that they tell the
+    images apart)."""
     import torch
     from tqdm import tqdm
 
-    from engine.encode import Encoder, load_encoder
-    from training.model import load_model, pick_device, read_model_config
-
-    if ray is not None:  # the actors take the model to their own devices; this process only commits
-        device = "cpu"
-
-    listed = list_images(root)
-    if not listed:
-        raise InputError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
-    files, stats, bad_entries = _regular_files(listed)
-    products, unmatched = read_metadata_file(metadata, root) if metadata is not None else ({}, [])
-    catalog_dir = Path(catalog_dir)
-    record = read_record(catalog_dir) if (catalog_dir / "manifest.json").exists() else None
-    if record is not None:
-        recorded = record.codes
-        if codes not in (None, recorded):
-            raise InputError(f"catalog {catalog_dir} holds {recorded} codes; it cannot take --codes {codes} "
-                            "(build a new catalog for other codes)")
-        encoder = load_encoder(catalog_dir, model_dir, device)
-    else:
-        codes = codes or "latent"
-        if codes not in CODES:
-            raise InputError(f"--codes must be one of {', '.join(CODES)}, not '{codes}'")
-        model = load_model(model_dir, device=pick_device(device))
-        encoder = Encoder(model)
-        if codes != "latent":
-            encoder = fit_code_maker(model, codes, code_bits or model.config.bits, files, root, fit_samples,
-                                     batch_size, workers, progress)
-            catalog_dir.mkdir(parents=True, exist_ok=True)
-            save_hasher(encoder.hasher, catalog_dir / CODE_MAKER_FILE)
-    summary = BuildSummary(found=len(listed), failures=bad_entries, metadata_unmatched=unmatched)
-    with open_or_create_catalog(catalog_dir, encoder, shards, index) as catalog:
-        roots = (record.image_roots if record is not None else [])
-        write_record(catalog_dir, EngineRecord(
-            model_dir=str(Path(model_dir).resolve()), model_fingerprint=encoder.model.fingerprint,
-            codes=encoder.codes, code_maker=CODE_MAKER_FILE if encoder.hasher is not None else None,
-            image_roots=roots + [str(root)] * (str(root) not in roots),
-            model_config=read_model_config(model_dir)))
-        ids = np.array([item_id(f) for f in files], dtype=np.int64)
-        todo, changed = [], []
-        known = catalog.metadata(ids) if len(catalog) else [None] * len(ids)
-        for position, (meta, st) in enumerate(zip(known, stats)):
-            if meta is None:
-                todo.append(position)
-            elif (meta.get("size"), meta.get("mtime_ns"), meta.get("metadata")) == (
-                    st.st_size, st.st_mtime_ns, products.get(files[position].resolve())):
-                summary.unchanged += 1
-            else:
-                todo.append(position)
-                changed.append(position)
-        if changed:
-            catalog.delete(ids[changed])
-            summary.reindexed = len(changed)
-        if prune:
-            summary.pruned = _prune(catalog, root, set(ids.tolist()))
-        todo_files = [files[p] for p in todo]
-        bar = tqdm(total=len(todo_files), desc="indexing", unit="img", disable=not progress)
-        encode_start, first_batch = time.perf_counter(), 0  # first_batch: the files in the first batch back
-        new_codes, new_labels = [], []  # for the check that the codes tell the images apart
-        with torch.inference_mode():
-            for batch in _encoded(encoder, todo_files, batch_size, workers, ray):
-                positions = [todo[p] for p in batch.positions]
-                labels = [label_of(files[p], root) for p in positions]
-                metas = [item_metadata(files[p], label, stats[p], products.get(files[p].resolve()))
-                         for p, label in zip(positions, labels)]
-                if positions:
-                    catalog.add(ids[positions], batch.codes, batch.features, metas)
-                    if len(new_labels) < SPREAD_SAMPLE:
-                        new_codes.append(batch.codes)
-                        new_labels += labels
-                if not first_batch:
-                    summary.first_batch_seconds = time.perf_counter() - encode_start
-                    first_batch = len(batch.positions) + len(batch.failures)
-                summary.indexed += len(positions)
-                summary.failures += [dict(path=display_path(todo_files[p]), error=e) for p, e in batch.failures]
-                bar.update(len(batch.positions) + len(batch.failures))
-                rate = (summary.indexed + len(summary.failures)) / (time.perf_counter() - encode_start)
-                bar.set_postfix(img_s=f"{rate:.0f}", failed=len(summary.failures))
-        bar.close()
-    summary.failed = len(summary.failures)
-    if new_codes:
-        summary.codes = asdict(code_spread(np.concatenate(new_codes), encoder.bits, new_labels))
-    summary.seconds = round(time.perf_counter() - started, 2)
+    todo_files = [files[p] for p in todo]
+    bar = tqdm(total=len(todo_files), desc="indexing", unit="img", disable=not progress)
+    encode_start, first_batch = time.perf_counter(), 0  # first_batch: the files in the first batch back
+    new_codes, new_labels = [], []
+    with torch.inference_mode():
+        for batch in _encoded(encoder, todo_files, batch_size, workers, ray):
+            positions = [todo[p] for p in batch.positions]
+            labels = [label_of(files[p], root) for p in positions]
+            if positions:
+                catalog.add(ids[positions], batch.codes, batch.features,
+                            [item_record(files[p], label, stats[p], products.get(files[p].resolve()))
+                             for p, label in zip(positions, labels)])
+                if len(new_labels) < SPREAD_SAMPLE:
+                    new_codes.append(batch.codes)
+                    new_labels += labels
+            if not first_batch:
+                summary.first_batch_seconds = time.perf_counter() - encode_start
+                first_batch = len(batch.positions) + len(batch.failures)
+            summary.indexed += len(positions)
+            summary.failures += [dict(path=display_path(todo_files[p]), error=e) for p, e in batch.failures]
+            bar.update(len(batch.positions) + len(batch.failures))
+            rate = (summary.indexed + len(summary.failures)) / (time.perf_counter() - encode_start)
+            bar.set_postfix(img_s=f"{rate:.0f}", failed=len(summary.failures))
+    bar.close()
     if todo_files:
-        encoding = time.perf_counter() - encode_start
-        summary.images_per_second = round(len(todo_files) / encoding, 1)
-        if encoding > summary.first_batch_seconds and len(todo_files) > first_batch:
-            summary.steady_images_per_second = round((len(todo_files) - first_batch)
-                                                     / (encoding - summary.first_batch_seconds), 1)
-        summary.first_batch_seconds = round(summary.first_batch_seconds, 2)
-    (catalog_dir / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    return summary
+        _rates(summary, len(todo_files), time.perf_counter() - encode_start, first_batch)
+    return new_codes, new_labels
+
+
+def _rates(summary: BuildSummary, files: int, encoding: float, first_batch: int) -> None:
+    """Images per second overall (start-up included) and after the first batch (the pipeline's steady rate)."""
+    summary.images_per_second = round(files / encoding, 1)
+    if encoding > summary.first_batch_seconds and files > first_batch:
+        summary.steady_images_per_second = round((files - first_batch) / (encoding - summary.first_batch_seconds), 1)
+    summary.first_batch_seconds = round(summary.first_batch_seconds, 2)
 
 
 def _encoded(encoder: Encoder, files: list[Path], batch_size: int, workers: int | None,

@@ -17,7 +17,6 @@ from engine.build_index import build_index
 from engine.cli import program_name, run_cli
 from engine.errors import InputError
 from engine.query import format_table
-from engine.record import read_record
 from engine.synthetic import CLASSES, make_image_folder
 from training.train import TrainConfig, train
 
@@ -29,11 +28,11 @@ def prepare_folder(out: Path) -> None:
     """An empty `out` for the demo: a folder an earlier demo made is replaced, any other folder with something
     in it is refused (`--out ~/photos` must not delete the photos)."""
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder")
+        raise InputError(f"{out} is a file; the demo needs a folder")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).is_file():
-            raise InputError(f"--out {out} already holds files that the demo did not make; the demo replaces only "
-                            "a folder it made itself: give a new or empty folder")
+            raise InputError(f"{out} already holds files that the demo did not make; the demo replaces only "
+                             "a folder it made itself: give a new or empty folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by latenthash-demo; a later demo run with this --out replaces this folder\n")
@@ -66,6 +65,7 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
         codes, features = searcher.encode(query_files)
         results = searcher.search_codes(codes, features, k=10, pool=200)
         items = list(searcher.catalog)
+        image_roots = searcher.record.image_roots
     query_labels = np.array([CLASSES.index(p.parent.name) for p in query_files])
     db_labels = np.array([CLASSES.index(item.meta["label"]) for item in items])
     db_codes = np.stack([item.code for item in items])
@@ -81,7 +81,7 @@ def run_demo(out: Path, per_class: int, queries_per_class: int, epochs: float, b
     page = out / "results.html"
     write_html(page, [str(query_files[i]) for i in range(0, len(query_files), queries_per_class)],
                [results[i] for i in range(0, len(query_files), queries_per_class)], "latenthash demo",
-               read_record(out / "catalog").image_roots,
+               image_roots,
                [query_files[i].parent.name for i in range(0, len(query_files), queries_per_class)])
     report = dict(val_acc=summary.get("val_acc"), precision_at_10=float(precision), map_hamming=float(hamming_map),
                   map_two_stage=float(two_stage_map), seconds=time.perf_counter() - started)

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine.record import code_maker_file, read_record
+from engine.record import EngineRecord, code_maker_file, read_record
 from engine.errors import InputError
+from shards.codes import code_bytes
 from training.hashers import FeatureHasher, load_hasher
 from training.images import BadImage, load_image
 from training.model import HashingNet, load_model, pick_device
@@ -95,7 +96,7 @@ class Encoder:
 
     @property
     def code_bytes(self) -> int:
-        return (self.bits + 7) // 8
+        return code_bytes(self.bits)
 
     @property
     def feature_dim(self) -> int:
@@ -121,18 +122,26 @@ class Encoder:
         return (self.hasher.encode(features) if self.hasher is not None else codes), features
 
 
+class NoModelRecorded(InputError):
+    """A catalog that records no model directory was asked to encode images, and no model directory was given."""
+
+
 def load_encoder(catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                 device: str = "auto") -> Encoder:
-    """The encoder that made a catalog's codes: its recorded model (or `model_dir`) and code maker."""
-    record = read_record(catalog_dir)
+                 device: str = "auto", record: EngineRecord | None = None) -> Encoder:
+    """The encoder that made a catalog's codes: its recorded model (or `model_dir`) and code maker. `record`:
+    the catalog's engine.json where the caller has read it already."""
+    record = record if record is not None else read_record(catalog_dir)
     model_dir = model_dir or (record.model_dir if record is not None else None)
     if model_dir is None:
-        made_by = f"its codes were made by {record.model_description()}; " if record is not None else ""
-        raise InputError(f"{catalog_dir} records no model directory ({made_by}pass --model MODEL_DIR, or record it "
-                        "with engine.export --import FILE --model MODEL_DIR)")
-    model = load_model(model_dir, device=pick_device(device))
+        made_by = f" (its codes were made by {record.model_description()})" if record is not None else ""
+        raise NoModelRecorded(f"{catalog_dir} records no model directory{made_by}, and none was given")
+    return Encoder(load_model(model_dir, device=pick_device(device)), recorded_code_maker(catalog_dir, record))
+
+
+def recorded_code_maker(catalog_dir: str | os.PathLike, record: EngineRecord | None) -> FeatureHasher | None:
+    """The code maker a catalog keeps (None for the model's own latent codes)."""
     maker = code_maker_file(catalog_dir, record) if record is not None else None
-    return Encoder(model, load_hasher(maker) if maker is not None else None)
+    return load_hasher(maker) if maker is not None else None
 
 
 PR_SET_PDEATHSIG = 1

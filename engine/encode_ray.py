@@ -48,9 +48,9 @@ class _EncodeActor:
                 "error": errors.astype(str)}
 
 
-def pool_size(actors: int | None) -> tuple[int, str]:
-    """(actors, device): one per GPU of the cluster where it has GPUs, else one per CPU; `actors` overrides
-    the count."""
+def actor_count(actors: int | None) -> tuple[int, str]:
+    """(actors, device) of the encoding pool: one actor per GPU of the cluster where it has GPUs, else one per
+    CPU; `actors` overrides the count."""
     import ray
 
     resources = ray.cluster_resources()
@@ -73,14 +73,14 @@ def encode_files_on_ray(encoder: Encoder, files: Sequence[Path], address: str, b
 
     if not files:
         return
-    size, device = pool_size(actors)
+    count, device = actor_count(actors)
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset run among our progress bar
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours run
     batches = [{"first": first, "paths": [str(f) for f in files[first:first + batch_size]]}
                for first in range(0, len(files), batch_size)]  # a row per batch: the same batches as a local build
     dataset = ray.data.from_items(batches, override_num_blocks=len(batches)).map_batches(
         _EncodeActor, fn_constructor_args=(encoder, device), batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=min(size, len(batches))), num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=min(count, len(batches))), num_cpus=1,
         num_gpus=1 if device == "cuda" else 0)
     dataset.context.enable_progress_bars = False
     dataset.context.print_on_execution_start = False

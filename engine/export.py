@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from engine.metadata import parse_product_metadata
-from engine.record import (CODE_MAKER_FILE, ENGINE_FILE, EngineRecord, code_maker_file, parse_record, read_record,
-                           write_record)
+from engine.record import (CODE_MAKER_FILE, ENGINE_FILE, EngineRecord, code_maker_file, model_config, parse_record,
+                           read_record, write_record)
 from shards.codes import MAX_BITS, MAX_FEATURE_DIM, code_bytes
 from shards.index import INDEX_TYPES, describe_index_types
-from engine.cli import program_name, run_cli
+from engine.cli import bounded_int, program_name, run_cli
 from engine.errors import InputError
 from training.files import atomic_write
 
@@ -128,7 +128,7 @@ def _check_stored(dataset: h5py.Dataset, name: str, file: Path) -> None:
         stored = dataset.id.get_num_chunks() == expected
     if not stored:
         raise InputError(f"{file}: '{name}' declares {dataset.shape[0]} rows but the file does not store them; "
-                        "not a latenthash export")
+                         "not a latenthash export")
 
 
 def _check_room(file: Path, catalog_dir: Path, n: int, bits: int, dim: int) -> None:
@@ -137,7 +137,7 @@ def _check_room(file: Path, catalog_dir: Path, n: int, bits: int, dim: int) -> N
     free = shutil.disk_usage(folder).free
     if _expected_bytes(n, bits, dim) > free:
         raise InputError(f"{file}: {n} items need about {_expected_bytes(n, bits, dim) >> 20} MiB, but only "
-                        f"{free >> 20} MiB are free")
+                         f"{free >> 20} MiB are free")
 
 
 def _check_import(f: h5py.File, file: Path, catalog_dir: Path, max_items: int,
@@ -160,16 +160,16 @@ def _check_import(f: h5py.File, file: Path, catalog_dir: Path, max_items: int,
     features = data["features"]
     if features.ndim != 2 or not 1 <= features.shape[1] <= MAX_FEATURE_DIM or features.dtype.kind != "f":
         raise InputError(f"{file}: features must be a 2-D float array (items x dims), got {features.dtype} "
-                        f"{features.shape}")
+                         f"{features.shape}")
     n = features.shape[0]
     if n > max_items:
-        raise InputError(f"{file} holds {n} items, more than --max-items {max_items}")
+        raise InputError(f"{file} holds {n} items, more than max_items {max_items}")
     expected = {"ids": ((n,), "iu"), "codes": ((n, code_bytes(bits)), "u"), "labels": ((n,), "iu")}
     for name, (shape, kinds) in expected.items():
         dataset = data[name]
         if dataset is not None and (dataset.shape != shape or dataset.dtype.kind not in kinds):
             raise InputError(f"{file}: {name} must have shape {shape} and an integer type, got {dataset.dtype} "
-                            f"{dataset.shape}")
+                             f"{dataset.shape}")
     if data["codes"].dtype.itemsize != 1:
         raise InputError(f"{file}: codes must be packed bytes (uint8)")
     for name in ("paths", "metadata"):
@@ -228,18 +228,18 @@ def _carried_record(f: h5py.File, file: Path, fingerprint: str | None,
     if maker is not None:
         if maker.ndim != 1 or maker.dtype != np.uint8 or maker.shape[0] > MAX_CODE_MAKER_BYTES:
             raise InputError(f"{file}: code_maker must be at most {MAX_CODE_MAKER_BYTES >> 20} MiB of bytes, got "
-                            f"{maker.dtype} {maker.shape}")
+                             f"{maker.dtype} {maker.shape}")
         _check_stored(maker, "code_maker", file)
     record.code_maker = CODE_MAKER_FILE if maker is not None else None
     if model_dir is not None:
-        from training.model import load_model, read_model_config  # torch: only when a model is to be checked
+        from training.model import load_model  # torch: only when a model is to be checked
 
         model = load_model(model_dir)
         if record.model_fingerprint not in (None, model.fingerprint):
-            raise InputError(f"--model {model_dir} (fingerprint {model.fingerprint}) did not make the codes in "
-                            f"{file} ({record.model_description()})")
+            raise InputError(f"model {model_dir} (fingerprint {model.fingerprint}) did not make the codes in "
+                             f"{file} ({record.model_description()})")
         record.model_dir, record.model_fingerprint = str(Path(model_dir).resolve()), model.fingerprint
-        record.model_config = read_model_config(model_dir)
+        record.model_config = model_config(model)
     return record, (maker[:].tobytes() if maker is not None else None)
 
 
@@ -256,14 +256,13 @@ def import_hdf5(file: str | os.PathLike, catalog_dir: str | os.PathLike, shards:
     import h5py
     from tqdm import tqdm
 
-    from shards import Catalog
-    from shards.catalog import MANIFEST, Manifest
+    from shards import Manifest, catalog_exists, open_or_create
 
     file, catalog_dir = Path(file), Path(catalog_dir)
     if not file.is_file():
         raise InputError(f"no such HDF5 file: {file}")
     roots = _image_roots(image_roots)
-    creating, existed = not (catalog_dir / MANIFEST).exists(), catalog_dir.exists()
+    creating, existed = not catalog_exists(catalog_dir), catalog_dir.exists()
     dtype = "float16" if creating else Manifest.read(catalog_dir).feature_dtype
     try:
         f = h5py.File(file, "r")
@@ -274,15 +273,7 @@ def import_hdf5(file: str | os.PathLike, catalog_dir: str | os.PathLike, shards:
         fingerprint = str(f.attrs.get("model_fingerprint", "")) or None
         record, maker = _carried_record(f, file, fingerprint, model_dir)
         names = [str(name) for name in np.atleast_1d(f.attrs.get("label_names", []))]
-        if creating:
-            catalog = Catalog.create(catalog_dir, bits=bits, feature_dim=dim, shards=shards, index=index,
-                                     model_fingerprint=fingerprint)
-        else:
-            catalog = Catalog.open(catalog_dir, readonly=False, model_fingerprint=fingerprint)
-            if catalog.bits != bits or catalog.manifest.feature_dim != dim:
-                catalog.close()
-                raise InputError(f"{file} holds {bits}-bit codes and {dim}-d features; catalog {catalog_dir} "
-                                f"holds {catalog.bits}-bit and {catalog.manifest.feature_dim}-d")
+        catalog = open_or_create(catalog_dir, bits, dim, shards, index, model_fingerprint=fingerprint)
         summary = ImportSummary()
         try:
             with catalog, tqdm(total=n, desc="importing", unit="item", disable=not progress) as bar:
@@ -297,11 +288,11 @@ def import_hdf5(file: str | os.PathLike, catalog_dir: str | os.PathLike, shards:
 
 
 def _image_roots(folders: Sequence[str | os.PathLike]) -> list[str]:
-    """--image-root folders, resolved (as build-index records its folders); each must exist."""
+    """Image folders, resolved (as build-index records its folders); each must exist."""
     roots = []
     for folder in folders:
         if not Path(folder).is_dir():
-            raise InputError(f"--image-root {folder}: not a folder")
+            raise InputError(f"image root {folder}: not a folder")
         roots.append(str(Path(folder).resolve()))
     return roots
 
@@ -322,16 +313,15 @@ def _store_record(catalog_dir: Path, existing: EngineRecord | None, carried: Eng
 
 
 def _remove_catalog(catalog_dir: Path, keep_folder: bool) -> None:
-    from shards.catalog import COUNTS
+    """Undo a catalog's creation: the folder, or (one that was there before) what the import put in it."""
+    from shards import remove_catalog_files
 
     if not keep_folder:
         shutil.rmtree(catalog_dir, ignore_errors=True)
         return
-    for path in catalog_dir.iterdir():
-        if path.name.startswith("shard-"):
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.name in ("manifest.json", "writer.lock", "commit.lock", COUNTS, ENGINE_FILE, CODE_MAKER_FILE):
-            path.unlink(missing_ok=True)
+    remove_catalog_files(catalog_dir)
+    for name in (ENGINE_FILE, CODE_MAKER_FILE):
+        (catalog_dir / name).unlink(missing_ok=True)
 
 
 def _import_batches(f: h5py.File, catalog: Catalog, names: list[str], bar: tqdm, summary: ImportSummary) -> None:
@@ -379,10 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--out", help="HDF5 file to write")
     action.add_argument("--import", dest="import_file", metavar="FILE", help="HDF5 file to load into --catalog")
-    parser.add_argument("--shards", type=int, default=4, help="shards, when --import creates the catalog")
+    parser.add_argument("--shards", type=bounded_int(1), default=4, help="shards, when --import creates the catalog")
     parser.add_argument("--index", choices=list(INDEX_TYPES), default="flat",
                         help=f"Faiss index of a new catalog (default %(default)s). {describe_index_types()}")
-    parser.add_argument("--max-items", type=int, default=DEFAULT_MAX_ITEMS,
+    parser.add_argument("--max-items", type=bounded_int(1), default=DEFAULT_MAX_ITEMS,
                         help="refuse an import of more items than this (default %(default)s; its ids are checked "
                         "in memory, 16 bytes each)")
     parser.add_argument("--model", help="with --import: the model that made the codes; checked against them and "
@@ -395,8 +385,6 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if args.out and (args.model or args.image_root):
             raise InputError("--model and --image-root go with --import (what to record in the imported catalog)")
-        if args.max_items < 1:
-            raise InputError(f"--max-items must be at least 1, got {args.max_items}")
         if args.out:
             n = export_catalog(args.catalog, args.out)
             print(f"exported {n} items to {args.out}")

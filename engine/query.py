@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.cli import bounded_int, program_name, run_cli
-from engine.record import read_record
 from engine.errors import InputError
 
 if TYPE_CHECKING:
@@ -87,30 +86,35 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("give at least one query image or --id")
         if not Path(args.catalog).is_dir():
             raise InputError(f"--catalog {args.catalog}: no such folder (make one with build-index)")
+        from engine.encode import NoModelRecorded
         from engine.report import write_html
         from engine.search import Searcher
         from shards.filters import Filter
 
         rule = Filter.parse(args.label, args.where)
-        with Searcher(args.catalog, args.model, args.device, ray=args.ray,
-                      shards_per_actor=args.shards_per_actor) as searcher:
-            queries, results = [], []
-            if args.images:
-                queries += list(args.images)
-                results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank, rule,
-                                           args.nprobe)
-            if args.id:
-                queries += [f"id:{i}" for i in args.id]
-                results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank, rule,
+        try:
+            with Searcher(args.catalog, args.model, args.device, ray=args.ray,
+                          shards_per_actor=args.shards_per_actor) as searcher:
+                queries, results = [], []
+                if args.images:
+                    queries += list(args.images)
+                    results += searcher.search(args.images, args.k, args.pool, args.radius, args.rerank, rule,
                                                args.nprobe)
-            labels = searcher.query_labels(args.images, args.id)
+                if args.id:
+                    queries += [f"id:{i}" for i in args.id]
+                    results += searcher.search_ids(args.id, args.k, args.pool, args.radius, args.rerank, rule,
+                                                   args.nprobe)
+                labels = searcher.query_labels(args.images, args.id)
+        except NoModelRecorded as error:  # the command's flag for what the library says is missing
+            raise InputError(f"{error}: pass --model MODEL_DIR, or record it with engine.export --import FILE "
+                             "--model MODEL_DIR") from None
         if args.json:
             print(json.dumps([{"query": q, "results": [asdict(r) for r in rs]} for q, rs in zip(queries, results)],
                              indent=2))
         else:
             print("\n\n".join(format_table(q, rs) for q, rs in zip(queries, results)))
         if args.html:
-            record = read_record(args.catalog)
+            record = searcher.record  # engine.json as the search read it
             write_html(args.html, queries, results, f"latenthash: {args.catalog}",
                        record.image_roots if record is not None else [], labels)
             print(f"wrote {args.html}", file=sys.stderr)

@@ -12,11 +12,16 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.metadata import parse_product_metadata
 from shards.errors import CatalogError
 from engine.errors import InputError
+from training.files import atomic_write
 from training.hashers import HASHERS
+
+if TYPE_CHECKING:  # torch: loaded by whoever has a model, not by this module
+    from training.model import HashingNet
 
 ENGINE_FILE = "engine.json"
 CODE_MAKER_FILE = "code-maker.safetensors"
@@ -83,15 +88,20 @@ def parse_record(raw: bytes | str, where: Path) -> EngineRecord:
 
 
 def write_record(catalog_dir: str | os.PathLike, record: EngineRecord) -> None:
+    """engine.json replaced whole and durably (as the catalog's manifest is): a crash leaves the old or the new."""
     path = Path(catalog_dir) / ENGINE_FILE
     record.check(path)
-    tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(asdict(record), indent=2) + "\n"
     try:
-        tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(text))
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise CatalogError(f"{path}: could not be written ({error.strerror or error})") from error
+
+
+def model_config(model: HashingNet) -> dict:
+    """A loaded model's config.json as a record keeps it (what a query needs to know of the model that is not
+    here), from the model itself: its config was read once, by `load_model`."""
+    return {**asdict(model.config), "fingerprint": model.fingerprint}
 
 
 def code_maker_file(catalog_dir: str | os.PathLike, record: EngineRecord) -> Path | None:
@@ -122,12 +132,13 @@ def label_of(path: Path, root: Path) -> str | None:
     return display_path(parts[0]) if len(parts) > 1 else None
 
 
-def item_metadata(file: Path, label: str | None, status: os.stat_result, product: dict | None) -> dict:
-    """What an item records about its image: path, label, size and mtime (to notice changes), product data."""
-    meta = dict(path=display_path(file), label=label, size=status.st_size, mtime_ns=status.st_mtime_ns)
+def item_record(file: Path, label: str | None, status: os.stat_result, product: dict | None) -> dict:
+    """What an item records about its image: path, label, size and mtime (to notice changes), and the product's
+    metadata (stored under the key `metadata`)."""
+    record = dict(path=display_path(file), label=label, size=status.st_size, mtime_ns=status.st_mtime_ns)
     if product is not None:
-        meta["metadata"] = product
-    return meta
+        record["metadata"] = product
+    return record
 
 
 def regular_file_status(path: str | os.PathLike) -> os.stat_result:
@@ -146,7 +157,7 @@ def read_metadata_file(file: str | os.PathLike, root: Path) -> tuple[dict[Path, 
     try:
         lines = Path(file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read --metadata file {file}: {error}") from None
+        raise InputError(f"cannot read product metadata file {file}: {error}") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

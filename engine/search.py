@@ -5,7 +5,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from shards import Catalog, CatalogError, CatalogReader, Hits, StageTimings
 from shards.filters import Filter, stored_label
 from shards.ranking import pool_size
 from engine.errors import InputError
-from training.images import BadImage, load_image, load_image_bytes
+from training.images import MAX_PIXELS, BadImage, load_image, load_image_bytes
 
 
 @dataclass
@@ -68,6 +68,7 @@ class Searcher:
             from shards.cluster import RayCatalog
 
             self.catalog = RayCatalog(self.catalog_dir, ray, shards_per_actor)
+        self.record = read_record(self.catalog_dir)  # engine.json, read once: the model, code maker, image folders
         self._model_dir = model_dir
         self._device = device
         self._encoder = None
@@ -81,7 +82,7 @@ class Searcher:
     def encoder(self) -> Encoder:
         """Loaded on first use: searching by catalog id needs no model."""
         if self._encoder is None:
-            encoder = load_encoder(self.catalog_dir, self._model_dir, self._device)
+            encoder = load_encoder(self.catalog_dir, self._model_dir, self._device, self.record)
             if encoder.fingerprint != self.catalog.manifest.model_fingerprint:
                 raise CatalogError(f"model {self._model_dir or 'recorded in the catalog'} ({encoder.fingerprint}) "
                                    f"did not make the codes of {self.catalog_dir} "
@@ -109,16 +110,33 @@ class Searcher:
             else:
                 fresh.append(row)
         if fresh:
-            start = time.perf_counter()
             size = self.encoder.input_size
-            try:
-                batch = torch.stack([load_image(paths[row], size) for row in fresh])
-            except BadImage as error:
-                raise InputError(f"cannot read query image: {error}") from error
-            decoded = time.perf_counter()
-            codes[fresh], features[fresh] = self.encoder.encode(batch)
-            self.timings.decode += decoded - start
-            self.timings.encode += time.perf_counter() - decoded
+            codes[fresh], features[fresh] = self._decode_and_encode(
+                [lambda path=paths[row]: load_image(path, size) for row in fresh], "cannot read query image")
+        return codes, features
+
+    def encode_bytes(self, images: Sequence[bytes], max_pixels: int = MAX_PIXELS,
+                     timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and features of image files' bytes (uploads), each decoded only if at most `max_pixels`;
+        InputError for anything unusable. `timings`: where to add the seconds (default: this searcher's totals)."""
+        size = self.encoder.input_size
+        return self._decode_and_encode([lambda data=data: load_image_bytes(data, size, max_pixels) for data in images],
+                                       "not a usable image", timings)
+
+    def _decode_and_encode(self, loaders: Sequence[Callable[[], torch.Tensor]], problem: str,
+                           timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Decode (one image per loader) and encode as one batch, each stage timed; an image that does not decode
+        is the caller's InputError, worded `problem: why`."""
+        timings = timings if timings is not None else self.timings
+        start = time.perf_counter()
+        try:
+            batch = torch.stack([load() for load in loaders])
+        except BadImage as error:
+            raise InputError(f"{problem}: {error}") from error
+        decoded = time.perf_counter()
+        codes, features = self.encoder.encode(batch)
+        timings.decode += decoded - start
+        timings.encode += time.perf_counter() - decoded
         return codes, features
 
     def search_codes(self, codes: np.ndarray, features: np.ndarray | None, k: int = 10, pool: int | None = None,
@@ -131,10 +149,6 @@ class Searcher:
         hits = self.catalog.search(codes, features if rerank else None, k, pool, radius, nprobe, filter,
                                    timings if timings is not None else self.timings)
         return [self._results(h) for h in hits]
-
-    def decode_bytes(self, images: Sequence[bytes]) -> torch.Tensor:
-        """Image files' bytes (uploads) as the model's input batch; raises BadImage for anything unusable."""
-        return torch.stack([load_image_bytes(data, self.encoder.input_size) for data in images])
 
     def search(self, images: Sequence[str | os.PathLike], k: int = 10, pool: int | None = None,
                radius: int | None = None, rerank: bool = True, filter: Filter | None = None,
@@ -158,7 +172,7 @@ class Searcher:
     def query_labels(self, images: Sequence[str | os.PathLike] = (), ids: Sequence[int] = ()) -> list[str | None]:
         """Each query's label where it is known: an indexed image's or item's own label, else the name of the
         image's folder when that names one of the model's classes."""
-        record = read_record(self.catalog_dir)
+        record = self.record
         classes = set((record.model_config or {}).get("class_names", [])) if record is not None else set()
         keys = [item_id(Path(p).resolve()) for p in images] + list(ids)
         stored = self.catalog.metadata(np.asarray(keys, dtype=np.int64)) if keys else []

@@ -7,7 +7,8 @@ import pytest
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-from engine.serve import Service, create_app  # noqa: E402
+from engine.api.app import create_app  # noqa: E402
+from engine.api.service import Service  # noqa: E402
 
 
 @pytest.fixture(scope="module")

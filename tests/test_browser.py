@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.synthetic import make_image_folder
-from engine.serve import running_server
+from tests.server_harness import running_server
 
 playwright = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

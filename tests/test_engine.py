@@ -265,3 +265,65 @@ def test_query_on_ray_answers_as_in_process(built, cli_env):
     remote = cli("engine.query", args + ["--ray", "local", "--shards-per-actor", "2"], cli_env)
     assert local.returncode == remote.returncode == 0, remote.stderr
     assert json.loads(remote.stdout) == json.loads(local.stdout)
+
+
+def test_photo_bytes_encode_as_their_file_and_bad_bytes_are_input_errors(shop, image_folder, tmp_path):
+    """`Searcher.encode_bytes` (what the service's photo search and adds use) gives a file's codes, adds its
+    seconds to the timings it is given, and words an unusable image as bad input (a ValueError)."""
+    from engine.errors import InputError
+    from engine.search import Timings
+
+    photo = make_image_folder(tmp_path / "q", per_class=1, seed=3, start=600, classes=("ring",))[0]
+    with Searcher(shop) as searcher:
+        codes, features = searcher.encode([photo])
+        timings = Timings()
+        from_bytes = searcher.encode_bytes([photo.read_bytes()], timings=timings)
+        assert np.array_equal(from_bytes[0], codes) and np.allclose(from_bytes[1], features)
+        assert timings.decode > 0 and timings.encode > 0
+        with pytest.raises(InputError, match="not a usable image"):
+            searcher.encode_bytes([b"plain text"])
+        with pytest.raises(ValueError, match="over the limit of 100"):
+            searcher.encode_bytes([photo.read_bytes()], max_pixels=100)
+
+
+def test_a_query_reads_engine_json_once(shop, tmp_path, monkeypatch):
+    import engine.record
+
+    reads = []
+    parse = engine.record.parse_record
+    monkeypatch.setattr(engine.record, "parse_record", lambda raw, where: reads.append(where) or parse(raw, where))
+    photo = make_image_folder(tmp_path / "q", per_class=1, seed=4, start=610, classes=("dots",))[0]
+    with Searcher(shop) as searcher:
+        searcher.search([photo], k=3)
+        searcher.query_labels([photo])
+    assert len(reads) == 1, reads
+
+
+def test_engine_json_is_written_durably(tmp_path, monkeypatch):
+    """engine.json is fsynced before its rename and its folder after, as the catalog's manifest is."""
+    import stat
+
+    from engine.record import EngineRecord, read_record, write_record
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    write_record(tmp_path, EngineRecord(codes="itq", image_roots=["/photos"]))
+    assert synced == [False, True]
+    assert read_record(tmp_path) == EngineRecord(codes="itq", image_roots=["/photos"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine.json"]
+
+
+def test_build_index_records_the_models_config_and_writes_a_code_maker_only_into_a_catalog(
+        image_folder, trained_model, tmp_path):
+    """engine.json's model_config is the model's config.json (read once, by load_model); a fitted code maker is
+    written once its catalog exists, so a build whose catalog cannot be made leaves no folder behind."""
+    from engine.build_index import build_index
+    from engine.record import read_record
+
+    build_index(image_folder, trained_model, tmp_path / "c", shards=1, progress=False, workers=0)
+    assert read_record(tmp_path / "c").model_config == json.loads((trained_model / "config.json").read_text())
+    with pytest.raises(ValueError, match="unknown index type"):
+        build_index(image_folder, trained_model, tmp_path / "itq", index="nope", codes="itq", code_bits=16,
+                    progress=False, workers=0)
+    assert not (tmp_path / "itq").exists()

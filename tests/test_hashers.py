@@ -9,8 +9,9 @@ from engine.metrics import retrieval_metrics
 from training.cnnh import cnnh_target_codes, similarity_objective
 from training.errors import UserError
 from training.gist import GistConfig, gist
-from training.hashers import (HASHERS, cca_directions, fit_hasher, itq_rotation, ksh_bit_objective,
-                              label_similarity, load_hasher, one_hot, save_hasher)
+from training import hashers
+from training.hashers import (CODE_MAKERS, cca_directions, fit_code_maker, itq_rotation, ksh_bit_objective,
+                              label_similarity, load_code_maker, one_hot, save_code_maker)
 
 BITS = 16
 
@@ -32,23 +33,23 @@ def clusters():
 def fitted(clusters):
     x, y = clusters[:2]
     small_ksh = dict(ksh=dict(anchors=100, samples=500, iterations=30))
-    return {m: fit_hasher(m, x, BITS, y, seed=1, **small_ksh.get(m, {})) for m in HASHERS}
+    return {m: fit_code_maker(m, x, BITS, y, seed=1, **small_ksh.get(m, {})) for m in CODE_MAKERS}
 
 
 def map_of(codes_query, labels_query, codes_db, labels_db):
     return retrieval_metrics(codes_query, labels_query, codes_db, labels_db, top_k=100)[0]
 
 
-@pytest.mark.parametrize("method", list(HASHERS))
+@pytest.mark.parametrize("method", list(CODE_MAKERS))
 def test_maker_beats_random_codes(method, clusters, fitted):
     x, y, xq, yq = clusters
     rng = np.random.default_rng(5)
     random_db = np.packbits(rng.random((len(x), BITS)) > 0.5, axis=1)
     random_q = np.packbits(rng.random((len(xq), BITS)) > 0.5, axis=1)
     baseline = map_of(random_q, yq, random_db, y)
-    hasher = fitted[method]
-    assert hasher.encode(x).shape == (len(x), BITS // 8)
-    score = map_of(hasher.encode(xq), yq, hasher.encode(x), y)
+    maker = fitted[method]
+    assert maker.encode(x).shape == (len(x), BITS // 8)
+    score = map_of(maker.encode(xq), yq, maker.encode(x), y)
     assert score > baseline + 0.25, (method, score, baseline)
 
 
@@ -58,11 +59,11 @@ def test_supervised_makers_beat_unsupervised(clusters, fitted):
     assert min(scores["itq-cca"], scores["ksh"]) > scores["lsh"], scores
 
 
-@pytest.mark.parametrize("method", list(HASHERS))
+@pytest.mark.parametrize("method", list(CODE_MAKERS))
 def test_saved_maker_encodes_identically(method, clusters, fitted, tmp_path):
     x = clusters[0]
-    save_hasher(fitted[method], tmp_path / "maker.safetensors")
-    loaded = load_hasher(tmp_path / "maker.safetensors")
+    save_code_maker(fitted[method], tmp_path / "maker.safetensors")
+    loaded = load_code_maker(tmp_path / "maker.safetensors")
     assert loaded.method == method and loaded.fingerprint == fitted[method].fingerprint
     np.testing.assert_array_equal(loaded.encode(x), fitted[method].encode(x))
     assert b"pickle" not in (tmp_path / "maker.safetensors").read_bytes()[:200]
@@ -70,7 +71,7 @@ def test_saved_maker_encodes_identically(method, clusters, fitted, tmp_path):
 
 def test_lsh_bits_are_balanced_in_expectation(clusters):
     x = clusters[0]
-    ones = np.mean([np.unpackbits(fit_hasher("lsh", x, 64, seed=s).encode(x), axis=1).mean() for s in range(10)])
+    ones = np.mean([np.unpackbits(fit_code_maker("lsh", x, 64, seed=s).encode(x), axis=1).mean() for s in range(10)])
     assert abs(ones - 0.5) < 0.03
 
 
@@ -86,10 +87,10 @@ def test_itq_quantisation_loss_never_increases(clusters):
 def test_itq_beats_pca_sign_codes(clusters):
     """ITQ's rotation lowers the quantisation error below plain PCA signs (rotation = identity)."""
     x, _, _, _ = clusters
-    hasher = fit_hasher("itq", x, BITS)
+    maker = fit_code_maker("itq", x, BITS)
     v = (x - x.mean(0)) @ np.linalg.eigh(np.cov(x.T))[1][:, ::-1][:, :BITS]
     pca_loss = ((np.sign(v) - v) ** 2).sum()
-    rotated = (x - hasher.mean) @ hasher.projection
+    rotated = (x - maker.mean) @ maker.projection
     assert ((np.sign(rotated) - rotated) ** 2).sum() < pca_loss
 
 
@@ -127,8 +128,8 @@ def test_ksh_codes_fit_the_label_similarity_better_than_lsh(clusters, fitted):
     x, y = clusters[2], clusters[3]
     similarity = label_similarity(y)
 
-    def agreement(hasher):
-        h = np.where(hasher.project(x) > 0, 1.0, -1.0)
+    def agreement(maker):
+        h = np.where(maker.project(x) > 0, 1.0, -1.0)
         return np.trace(h.T @ similarity @ h) / len(x) ** 2
 
     assert 2 * agreement(fitted["lsh"]) < agreement(fitted["ksh"]) <= BITS
@@ -140,13 +141,30 @@ def test_ksh_codes_fit_the_label_similarity_better_than_lsh(clusters, fitted):
 def test_makers_refuse_bad_input(clusters):
     x, y = clusters[0], clusters[1]
     with pytest.raises(UserError, match="supervised"):
-        fit_hasher("ksh", x, 8)
+        fit_code_maker("ksh", x, 8)
     with pytest.raises(UserError, match="at most the feature dimension"):
-        fit_hasher("itq", x, 64)
+        fit_code_maker("itq", x, 64)
     with pytest.raises(UserError, match="unknown code maker"):
-        fit_hasher("sh", x, 8, y)
-    with pytest.raises(UserError, match="expects 32-d"):
-        fit_hasher("lsh", x, 8).encode(x[:, :5])
+        fit_code_maker("sh", x, 8, y)
+    with pytest.raises(UserError, match="bits must be at least 1, got 0"):
+        fit_code_maker("lsh", x, 0)
+
+
+def test_features_of_another_width_are_a_programming_error_not_bad_input(clusters):
+    """Features of the wrong width come from the caller's code, not from a user: a plain ValueError."""
+    maker = fit_code_maker("lsh", clusters[0], 8)
+    with pytest.raises(ValueError, match="expects 32-d") as raised:
+        maker.encode(clusters[0][:, :5])
+    assert not isinstance(raised.value, UserError)
+
+
+def test_the_old_names_still_work(clusters, tmp_path):
+    """README's example (fit_hasher, save_hasher, load_hasher) keeps working for a release."""
+    assert (hashers.HASHERS, hashers.FeatureHasher) == (CODE_MAKERS, hashers.CodeMaker)
+    maker = hashers.fit_hasher("itq", clusters[0], 8)
+    hashers.save_hasher(maker, tmp_path / "itq8.safetensors")
+    loaded = hashers.load_hasher(tmp_path / "itq8.safetensors")
+    assert np.array_equal(loaded.encode(clusters[0]), maker.encode(clusters[0]))
 
 
 # ---------------------------------------------------------------- CNNH stage 1

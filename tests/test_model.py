@@ -112,7 +112,7 @@ def test_bad_model_arguments(kwargs, message):
 def test_unreadable_weights_file(tmp_path):
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="cannot read --weights"):
+    with pytest.raises(UserError, match="cannot read weights file"):
         create_model("cifar_convnet_small", 16, ["a", "b"], weights=bad)
 
 

@@ -19,7 +19,7 @@ from training.data import load_dataset
 from engine.errors import InputError
 from training.errors import UserError
 from training.gist import gist
-from training.train import check_config, train
+from training.train import check_config, flag_worded, train
 from tests.test_data import write_cifar10, write_idx
 
 CLIS = ["engine.build_index", "engine.query", "engine.export", "engine.verify", "engine.demo", "engine.serve",
@@ -73,8 +73,9 @@ def built_model_pair(image_folder, trained_model, tmp_path_factory):
 
 def test_training_never_overwrites_a_model_silently(trained_model, image_folder, tmp_path):
     config = TrainConfig(data=str(image_folder), out=str(trained_model), bits=16)
-    with pytest.raises(UserError, match="already holds a model.*--resume.*--overwrite"):
+    with pytest.raises(UserError, match="already holds a model.*resume.*overwrite") as refused:
         check_config(config)
+    assert "--out, --resume to continue it, or --overwrite" in flag_worded(refused.value)  # at the command line
     check_config(TrainConfig(data=str(image_folder), out=str(trained_model), bits=16, overwrite=True))
 
 

@@ -180,7 +180,8 @@ def test_service_on_ray_writes_through_the_actors(local_ray, image_folder, train
     at once (the service refreshes after each write); a delete likewise."""
     from fastapi.testclient import TestClient
 
-    from engine.serve import Service, create_app
+    from engine.api.app import create_app
+    from engine.api.service import Service
 
     build_index(image_folder, trained_model, tmp_path / "c", shards=3, progress=False, workers=0)
     service = Service(tmp_path / "c", ray="local", shards_per_actor=2)

@@ -1,13 +1,16 @@
 """benchmarks/seed_spread.py: the verdict "loss falls every epoch" and the per-variant summary it prints."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from seed_spread import first_rise, report  # noqa: E402
+from seed_spread import first_rise, recipe_flags, report  # noqa: E402
 
 # Train losses recorded on an H200 at lr 0.75 (benchmarks/results/seed_spread_h200_lr0.75.json): bf16 seeds 1, 3.
 SPIKED = [1.984, 1.478, 1.297, 1.219, 1.461, 1.209, 1.158, 1.118, 1.085, 1.048, 1.014, 0.988]
@@ -49,3 +52,12 @@ def test_report_without_tta(tmp_path):
     text = report(tmp_path)
     assert "| notta | 1 | yes | 0.9200 (-) | 0.9250 (0.9270) | 10 |" in text
     assert "| notta | 1 | 1 of 1 | 0.9250 (0.9250-0.9250) | - |" in text
+
+
+def test_the_default_recipe_is_training_s_named_recipe():
+    """Each run gets `--recipe cifar10-48` (README's command, training/recipes.py), not a copy of its flags; flags
+    given as one argument still work."""
+    assert recipe_flags("cifar10-48") == ["--recipe", "cifar10-48"]
+    assert recipe_flags("--bits 12 --lr 0.4") == ["--bits", "12", "--lr", "0.4"]
+    with pytest.raises(argparse.ArgumentTypeError, match="neither a recipe"):
+        recipe_flags("cifar10-4")

@@ -16,12 +16,13 @@ from shards.filters import Filter
 from engine.search import Searcher
 from engine.synthetic import make_image_folder
 from shards import Catalog, hamming_distances
-from engine.serve import running_server
+from tests.server_harness import running_server
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from engine.serve import Service, create_app  # noqa: E402
+from engine.api.app import create_app  # noqa: E402
+from engine.api.service import Service  # noqa: E402
 
 FIELDS = {"rank", "id", "path", "label", "hamming", "distance", "metadata"}
 
@@ -194,3 +195,31 @@ def test_items_of_an_imported_catalog_with_numeric_labels(tmp_path):
         assert client.get("/items/7").json() == {"id": 7, "path": None, "label": "1", "metadata": None}
         answer = client.get("/search?id=7&k=5")
         assert answer.status_code == 200 and all(isinstance(r["label"], str) for r in answer.json()["results"])
+
+
+def test_photo_searches_and_adds_encode_through_the_searcher(writable, tmp_path, monkeypatch):
+    """The service decodes and encodes uploads with `Searcher.encode_bytes` (one encoding path), within its
+    --max-megapixels limit."""
+    calls = []
+    encode_bytes = Searcher.encode_bytes
+
+    def spy(self, images, max_pixels, timings=None):
+        calls.append(max_pixels)
+        return encode_bytes(self, images, max_pixels, timings)
+
+    monkeypatch.setattr(Searcher, "encode_bytes", spy)
+    photo = make_image_folder(tmp_path / "new", per_class=1, seed=34, start=810, classes=("ring",))[0]
+    files = {"image": ("p.png", png_bytes(photo), "image/png")}
+    with client_for(writable, max_pixels=123_456) as client:
+        assert client.post("/search?k=2", files=files).status_code == 200
+        assert client.post("/items", files=files).status_code == 200
+    assert calls == [123_456, 123_456]
+
+
+def test_serve_help_loads_neither_fastapi_nor_torch(cli_env):
+    """The app (engine.api) is imported once the server starts, not for --help."""
+    probe = ("import sys\nfrom engine.serve import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('fastapi', 'torch', 'engine.api', 'prometheus_client') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=cli_env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -35,7 +35,10 @@ from training.images import BadImage, PixelBudget, load_image_bytes
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from engine.serve import Service, create_app, main, running_server  # noqa: E402
+from engine.api.app import create_app  # noqa: E402
+from engine.api.service import Service  # noqa: E402
+from engine.serve import main  # noqa: E402
+from tests.server_harness import running_server  # noqa: E402
 
 TOKEN = {"Authorization": "Bearer s3cret"}
 

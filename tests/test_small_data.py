@@ -31,7 +31,7 @@ def test_four_hundred_photos_get_enough_steps_of_a_batch_they_can_fill():
     given = plan_schedule(360, batch_size=32, epochs=5)  # what the user asks for is what runs
     assert (given.batch_size, given.total_steps) == (32, 55)
     too_big = plan_schedule(100, batch_size=1024, epochs=3)
-    assert too_big.batch_size == 100 and "--batch-size 1024 is more than the 100 training images" in too_big.reason
+    assert too_big.batch_size == 100 and "batch size asked for, 1024, is more than the 100 training images" in too_big.reason
     assert plan_schedule(2 * 360, processes=2).batch_size == small.batch_size  # per process under torchrun
 
 
@@ -75,7 +75,7 @@ def _untrained(folder, out, **options) -> dict:
 
 def test_training_refuses_collapsed_codes_and_leaves_nothing(image_folder, tmp_path):
     with pytest.raises(UserError, match=r"cannot tell the classes apart: 1 distinct code among 48 images of 10 "
-                                        r"classes, 16 of 16 bits .*--pretrained.*--keep-collapsed"):
+                                        r"classes, 16 of 16 bits .*pretrained.*keep_collapsed"):
         _untrained(image_folder, tmp_path / "model")
     assert not (tmp_path / "model").exists()
     kept = tmp_path / "kept"

@@ -1,17 +1,22 @@
+import ast
 import dataclasses
 import json
+import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import training
 from engine.metrics import retrieval_metrics
 from engine.synthetic import make_image_folder
 from training.cnnh import cnnh_target_codes
@@ -19,9 +24,11 @@ from training.config import (CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainCo
                              save_train_config)
 from training.data import load_dataset
 from training.errors import UserError
+from training.files import atomic_write
 from training.loop import evaluate, lr_factor, mirrored, recompute_batchnorm_statistics, use_bf16
 from training.model import load_model
-from training.train import train
+from training.recipes import recipe_config
+from training.train import flag_worded, parse_args, train
 
 
 def test_training_lowers_loss_and_beats_chance(trained_model):
@@ -59,7 +66,7 @@ def test_frozen_backbone_trains_another_code_length(trained_model, image_folder,
 
 def test_mirror_average_is_refused_where_a_flip_changes_the_meaning(tmp_path, image_folder):
     digits = dataclasses.replace(load_dataset(image_folder, val_split=0.2, seed=0), mirror_invariant=False)
-    with pytest.raises(UserError, match="mirror-average"):
+    with pytest.raises(UserError, match="mirror_average"):
         train(TrainConfig(data=str(image_folder), out=str(tmp_path / "m"), backbone="cifar_convnet_small",
                           mirror_average=True), dataset=digits)
 
@@ -119,7 +126,7 @@ def test_resuming_with_other_flags_is_a_clear_error(flags, named, trained_model,
                     "--lr", "8", "--val-split", "0.2"]  # the trained_model fixture's run
     result = _run(["--data", str(image_folder), "--out", str(out), *started_with, "--resume", *flags], cli_env)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    assert "resume with the flags the run started with" in result.stderr and named in result.stderr
+    assert "resume with the settings the run started with" in result.stderr and named in result.stderr
     assert result.stderr.count("(now") == 1, result.stderr
 
 
@@ -284,3 +291,63 @@ def test_batchnorm_statistics_are_recomputed_as_exact_averages():
     torch.testing.assert_close(model[1].running_mean, outputs.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model[1].running_var, batch_vars.mean(0), rtol=1e-5, atol=1e-6)
     assert model[1].momentum == 0.4 and not model.training
+
+
+README_48_BIT_FLAGS = ("--backbone cifar_convnet --bits 48 --epochs 15 --batch-size 1024 --label-smoothing 0.2 "
+                       "--mirror-average --aux-weight 1 --lr 0.4 --warmup 0.14 --alternating-flip "
+                       "--clip-grad-norm 1").split()  # README's headline command, as it was written out
+
+
+def test_the_cifar10_48_recipe_is_readmes_command_and_flags_override_it():
+    where = ["--data", "d", "--out", "o"]
+    assert parse_args(["--recipe", "cifar10-48", *where]) == parse_args([*where, *README_48_BIT_FLAGS])
+    assert parse_args(["--recipe", "cifar10-48", *where]) == recipe_config("cifar10-48", "d", "o")
+    changed = parse_args([*where, "--lr", "0.5", "--recipe", "cifar10-48", "--no-mirror-average", "--bits", "12"])
+    assert (changed.lr, changed.mirror_average, changed.bits, changed.epochs) == (0.5, False, 12, 15.0)
+    assert recipe_config("cifar10-48", "d", "o", lr=0.5).lr == 0.5
+    assert parse_args(where) == TrainConfig(data="d", out="o")  # no recipe: TrainConfig's defaults
+    with pytest.raises(UserError, match="unknown recipe 'cifar10-64'; choose one of cifar10-48"):
+        recipe_config("cifar10-64", "d", "o")
+
+
+def test_messages_name_arguments_and_the_command_line_names_its_flags(tmp_path):
+    """A Python caller reads the argument's name, a command-line user the flag."""
+    with pytest.raises(UserError) as raised:
+        train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "m"), bits=0))
+    assert str(raised.value) == "bits must be at least 1, got 0"
+    assert flag_worded(raised.value) == "--bits must be at least 1, got 0"
+    with pytest.raises(UserError) as raised:
+        train(TrainConfig(data=str(tmp_path), out=str(tmp_path / "m"), resume=True))
+    assert str(raised.value).startswith("resume: no checkpoint in ")
+    assert isinstance(raised.value, ValueError)  # `except ValueError` catches every layer's bad input
+
+
+def test_no_training_library_message_names_a_command_line_flag():
+    """Flags belong to the command line (training/train.py, training/cli.py); the libraries name arguments."""
+    flagged = []
+    for path in sorted(Path(training.__file__).parent.glob("*.py")):
+        if path.name in ("train.py", "cli.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node)}
+        flagged += [f"{path.name}:{node.lineno}: {node.value}" for node in ast.walk(tree)
+                    if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    and re.search(r"--[a-z]", node.value)]
+    assert not flagged, flagged
+
+
+def test_atomic_write_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    """A power cut after the rename must not leave an empty file (or the old name pointing nowhere)."""
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(os.fstat(descriptor).st_ino)
+        fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "summary.json"
+    atomic_write(target, lambda p: p.write_text("{}"))
+    assert target.read_text() == "{}" and list(tmp_path.iterdir()) == [target]
+    assert synced == [target.stat().st_ino, tmp_path.stat().st_ino]

@@ -100,7 +100,7 @@ _TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "f
 
 def _create(widths: tuple[int, int, int], pretrained: bool, **kwargs) -> CifarConvNet:
     if pretrained:
-        raise ValueError("cifar_convnet models have no hub weights: train from scratch or pass --weights FILE")
+        raise ValueError("cifar_convnet models have no hub weights: train from scratch or load a local weights file")
     for key in _TIMM_ONLY_KWARGS:
         kwargs.pop(key, None)
     kwargs.pop("drop_rate", None)

@@ -20,12 +20,13 @@ def program_name(module: str) -> str:
 
 
 def run_cli(body: Callable[[], int], user_errors: tuple[type[Exception], ...] = (TrainingError,),
-            interrupted: str = "interrupted") -> int:
-    """Run a command-line body: a user error prints `error: ...` and exits 2, Ctrl-C exits 130; no traceback."""
+            interrupted: str = "interrupted", describe: Callable[[Exception], str] = str) -> int:
+    """Run a command-line body: a user error prints `error: ` and its `describe`d message and exits 2, Ctrl-C
+    exits 130; no traceback."""
     try:
         return body()
     except user_errors as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {describe(error)}", file=sys.stderr)
         return 2
     except OSError as error:
         if error.errno not in STORAGE_ERRORS:

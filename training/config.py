@@ -24,28 +24,23 @@ class TrainConfig:
     input_size: int = 32
     epochs: float | None = None  # None: 10, or as many as make training.schedule.MIN_STEPS steps on a small set
     batch_size: int | None = None  # None: 256, or smaller on a small set (training.schedule)
-    # Peak learning rate of the mean loss at batch size 1024, scaled linearly with batch size. airbench's 1.5
-    # saturates the sigmoid latent layer at the peak and the loss climbs; at 0.75 a run in five still takes a
-    # loss spike near the peak (32 runs on an H200); at 0.6 (10 runs) and 0.5 (6) none did (RESULTS.md, issue 16).
+    # Peak learning rate of the mean loss at batch size 1024, scaled linearly with batch size: one number across
+    # batch sizes. Below airbench's 1.5 because a higher peak saturates the sigmoid latent layer and the loss
+    # climbs. The evidence for each default: benchmarks/RESULTS.md, "Why the training defaults are what they are".
     lr: float = 0.6
-    # Fraction of the steps over which the learning rate climbs to its peak. README's 48-bit recipe uses 0.14 (the
-    # peak in epoch 2, not 4) with lr 0.4: no rise at the peak in 11 bf16 runs (one later spike: clip_grad_norm); at
-    # lr 0.5 the short climb took away one seed's rise at the peak in bf16, but an fp32 run spiked in epoch 5
-    # (RESULTS.md, issue 16).
+    # Fraction of the steps over which the learning rate climbs to its peak: a climb lets BatchNorm's statistics
+    # and the latent layer settle before the largest steps.
     warmup: float = 0.23
     momentum: float = 0.85
-    # Largest global gradient norm of a step (0: no limit). README's recipe uses 1: without it, one bf16 run in five
-    # (seed 3, epoch 7) spiked as the backbone's gradient norm grew 0.9 -> 4.4 in four steps; the same batches
-    # with a cap of 1 do not spike (1.5 leaves a bump), and the norm's median is ~0.8. With the cap the loss fell
-    # every epoch in 4 bf16 seeds of 4 and in fp32 (RESULTS.md, issue 16).
+    # Largest global gradient norm of a step (0: no limit): a cap on the rare step whose gradient grows several-fold
+    # within a few steps and starts a loss spike, small enough to leave ordinary steps alone.
     clip_grad_norm: float = 0.0
     weight_decay: float = 1.5e-3  # per-step decay at batch 1024 divided by lr, scaled like lr
-    norm_bias_lr_scale: float = 64.0
-    label_smoothing: float = 0.0
+    norm_bias_lr_scale: float = 64.0  # airbench: normalisation biases learn faster than the weights they shift
+    label_smoothing: float = 0.0  # 0: the paper's plain cross-entropy
     # Weight of an auxiliary loss: the cross-entropy of airbench's linear classifier on the backbone's features
-    # (training only, never saved), a gradient for the backbone that does not pass the sigmoid layer. 0 is the
-    # paper's loss; README's 48-bit recipe uses 1 with lr 0.4 (+0.8 points at 8 epochs and lr 0.5; at lr 0.6 one
-    # 12-epoch run of two spiked; at 0.5, one 14-epoch run of five rose 0.018 at the peak; RESULTS.md, issue 16).
+    # (training only, never saved). It gives the backbone a gradient that does not pass the sigmoid layer, which
+    # passes little once saturated. 0 is the paper's loss.
     aux_weight: float = 0.0
     objective: str = "latent"  # latent (the paper), cnnh or cnnh+ (baselines)
     translate: int = 2

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from training.config import FORMATS
-from training.errors import UserError
+from training.errors import Setting, UserError
 from training.images import BadImage, list_images, load_image
 
 MNIST_FILES = {
@@ -66,7 +66,9 @@ def load_dataset(path: str | os.PathLike, format: str = "auto", input_size: int 
     if not path.is_dir():
         raise UserError(f"data path {path} is not a directory")
     if format not in FORMATS:
-        raise UserError(f"unknown --format '{format}'; choose one of {', '.join(FORMATS)}")
+        raise UserError("unknown ", Setting("format"), f" '{format}'; choose one of {', '.join(FORMATS)}")
+    if not 0 <= val_split < 1:
+        raise UserError(Setting("val_split"), f" must be in [0, 1), got {val_split}")
     if format == "auto":
         format = detect_format(path)
     if format == "cifar10":
@@ -203,8 +205,6 @@ def _load_folder(path: Path, input_size: int, val_split: float, seed: int) -> Da
     if test_root is not None and train_root != path:
         test, test_skipped = _decode_folder(test_root, class_names, input_size)
         return Dataset(train, test, class_names, skipped=skipped + test_skipped)
-    if not 0 <= val_split < 1:
-        raise UserError(f"--val-split must be in [0, 1), got {val_split}")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     n_val = int(round(len(train) * val_split))
     if n_val == 0:

@@ -1,9 +1,9 @@
-"""Code makers that hash real-valued features after the fact: LSH, ITQ, ITQ-CCA and KSH.
+"""Code makers: what turns real-valued features into binary codes after the fact (LSH, ITQ, ITQ-CCA and KSH).
 
 They are the baselines of the paper's table, and they give any catalog binary codes without supervised training
-(`build-index --codes itq`). Every maker fits to one `FeatureHasher`: an affine projection of the features
-(or, for KSH, of their RBF kernel values against anchor points) whose signs are the bits. A hasher is saved as
-one safetensors file with its settings in the file's metadata: no pickle.
+(`build-index --codes itq`). Every method fits one `CodeMaker`: an affine projection of the features (or, for
+KSH, of their RBF kernel values against anchor points) whose signs are the bits. A code maker is saved as one
+safetensors file with its settings in the file's metadata: no pickle.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ ENCODE_CHUNK = 8192  # rows per step: bounds the kernel matrix of KSH at CHUNK x
 
 
 @dataclass
-class FeatureHasher:
+class CodeMaker:
     """bits = sign(phi(x) @ projection), phi(x) = x - mean, or RBF(x, anchors) - mean for kernel hashing."""
 
     method: str
@@ -57,8 +57,8 @@ class FeatureHasher:
         """Real-valued projections (N, bits); their signs are the code."""
         features = np.asarray(features, dtype=np.float32)
         if features.ndim != 2 or features.shape[1] != self.feature_dim:
-            raise UserError(f"{self.method} hasher expects {self.feature_dim}-d features, got shape "
-                            f"{features.shape}")
+            raise ValueError(f"the {self.method} code maker expects {self.feature_dim}-d features, got shape "
+                             f"{features.shape}")
         out = np.empty((len(features), self.bits), np.float32)
         for start in range(0, len(features), ENCODE_CHUNK):
             chunk = features[start:start + ENCODE_CHUNK]
@@ -82,10 +82,10 @@ def _squared_distances(x: np.ndarray, anchors: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the makers
-def fit_lsh(features: np.ndarray, labels: np.ndarray | None, bits: int, rng: np.random.Generator) -> FeatureHasher:
+def fit_lsh(features: np.ndarray, labels: np.ndarray | None, bits: int, rng: np.random.Generator) -> CodeMaker:
     """Random hyperplanes through the mean (Charikar's sign-random-projection LSH)."""
     mean = features.mean(0)
-    return FeatureHasher("lsh", mean, rng.standard_normal((features.shape[1], bits)))
+    return CodeMaker("lsh", mean, rng.standard_normal((features.shape[1], bits)))
 
 
 def pca(features: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,12 +119,12 @@ def _check_dims(method: str, features: np.ndarray, bits: int) -> None:
 
 
 def fit_itq(features: np.ndarray, labels: np.ndarray | None, bits: int, rng: np.random.Generator,
-            iterations: int = 50) -> FeatureHasher:
+            iterations: int = 50) -> CodeMaker:
     """Iterative quantisation: PCA to `bits` dimensions, then the rotation with the least quantisation error."""
     _check_dims("itq", features, bits)
     mean, directions = pca(features, bits)
     rotation, _ = itq_rotation((features - mean) @ directions, iterations, rng)
-    return FeatureHasher("itq", mean, directions @ rotation)
+    return CodeMaker("itq", mean, directions @ rotation)
 
 
 def one_hot(labels: np.ndarray) -> np.ndarray:
@@ -156,13 +156,13 @@ def cca_directions(features: np.ndarray, labels: np.ndarray, dims: int,
 
 
 def fit_itq_cca(features: np.ndarray, labels: np.ndarray | None, bits: int, rng: np.random.Generator,
-                iterations: int = 50) -> FeatureHasher:
+                iterations: int = 50) -> CodeMaker:
     """Supervised ITQ: CCA against the labels in place of PCA, then the ITQ rotation."""
     _require_labels("itq-cca", labels)
     _check_dims("itq-cca", features, bits)
     mean, directions = cca_directions(features, labels, bits)
     rotation, _ = itq_rotation((features - mean) @ directions, iterations, rng)
-    return FeatureHasher("itq-cca", mean, directions @ rotation)
+    return CodeMaker("itq-cca", mean, directions @ rotation)
 
 
 def _require_labels(method: str, labels: np.ndarray | None) -> None:
@@ -187,7 +187,7 @@ def ksh_bit_objective(kernel: np.ndarray, residual: np.ndarray, weights: np.ndar
 
 
 def fit_ksh(features: np.ndarray, labels: np.ndarray | None, bits: int, rng: np.random.Generator,
-            anchors: int = 300, samples: int = 2000, iterations: int = 100) -> FeatureHasher:
+            anchors: int = 300, samples: int = 2000, iterations: int = 100) -> CodeMaker:
     """Kernel-based supervised hashing (Liu et al., CVPR 2012), greedily bit by bit.
 
     On `samples` labeled points with RBF kernel features against `anchors` points, bit k maximises
@@ -218,7 +218,7 @@ def fit_ksh(features: np.ndarray, labels: np.ndarray | None, bits: int, rng: np.
         projection[:, bit] = best
         h = np.where(kernel @ best >= 0, 1.0, -1.0)
         residual -= np.outer(h, h)
-    return FeatureHasher("ksh", kernel_mean.astype(np.float32), projection, anchors=anchor_points, sigma=sigma)
+    return CodeMaker("ksh", kernel_mean.astype(np.float32), projection, anchors=anchor_points, sigma=sigma)
 
 
 def _mean_distance(x: np.ndarray, anchors: np.ndarray) -> float:
@@ -254,7 +254,7 @@ def _gradient_descent(objective: Callable[[np.ndarray], tuple[float, np.ndarray]
 
 
 # ---------------------------------------------------------------- registry, fit, save, load
-HASHERS: dict[str, Callable[..., FeatureHasher]] = {
+CODE_MAKERS: dict[str, Callable[..., CodeMaker]] = {
     "lsh": fit_lsh,
     "itq": fit_itq,
     "itq-cca": fit_itq_cca,
@@ -263,12 +263,12 @@ HASHERS: dict[str, Callable[..., FeatureHasher]] = {
 SUPERVISED = ("itq-cca", "ksh")
 
 
-def fit_hasher(method: str, features: np.ndarray, bits: int, labels: np.ndarray | None = None,
-               seed: int = 0, **options) -> FeatureHasher:
-    """Fit one of HASHERS on (N, D) features; `labels` for the supervised makers; `options` go to the
-    maker (e.g. `anchors`, `samples` of KSH, `iterations` of ITQ)."""
-    if method not in HASHERS:
-        raise UserError(f"unknown code maker '{method}'; choose from {', '.join(HASHERS)}")
+def fit_code_maker(method: str, features: np.ndarray, bits: int, labels: np.ndarray | None = None,
+                   seed: int = 0, **options) -> CodeMaker:
+    """Fit one of CODE_MAKERS on (N, D) features; `labels` for the supervised methods; `options` go to the
+    method (e.g. `anchors`, `samples` of KSH, `iterations` of ITQ)."""
+    if method not in CODE_MAKERS:
+        raise UserError(f"unknown code maker '{method}'; choose from {', '.join(CODE_MAKERS)}")
     if bits < 1:
         raise UserError(f"bits must be at least 1, got {bits}")
     features = np.asarray(features, dtype=np.float64)
@@ -276,25 +276,27 @@ def fit_hasher(method: str, features: np.ndarray, bits: int, labels: np.ndarray 
         raise UserError(f"need at least two feature vectors to fit {method}, got shape {features.shape}")
     labels = None if labels is None else np.asarray(labels)
     start = time.perf_counter()
-    hasher = HASHERS[method](features, labels, bits, np.random.default_rng(seed), **options)
-    hasher.mean = np.ascontiguousarray(hasher.mean, dtype=np.float32)
-    hasher.projection = np.ascontiguousarray(hasher.projection, dtype=np.float32)
-    if hasher.anchors is not None:
-        hasher.anchors = np.ascontiguousarray(hasher.anchors, dtype=np.float32)
-    hasher.fit_seconds = time.perf_counter() - start
-    return hasher
+    maker = CODE_MAKERS[method](features, labels, bits, np.random.default_rng(seed), **options)
+    maker.mean = np.ascontiguousarray(maker.mean, dtype=np.float32)
+    maker.projection = np.ascontiguousarray(maker.projection, dtype=np.float32)
+    if maker.anchors is not None:
+        maker.anchors = np.ascontiguousarray(maker.anchors, dtype=np.float32)
+    maker.fit_seconds = time.perf_counter() - start
+    return maker
 
 
-def save_hasher(hasher: FeatureHasher, path: str | os.PathLike) -> None:
-    tensors = {"mean": hasher.mean, "projection": hasher.projection}
-    if hasher.anchors is not None:
-        tensors["anchors"] = hasher.anchors
-    metadata = dict(method=hasher.method, sigma=repr(hasher.sigma), fit_seconds=repr(hasher.fit_seconds),
+def save_code_maker(maker: CodeMaker, path: str | os.PathLike) -> None:
+    """One safetensors file: the arrays, and the method and settings in its metadata."""
+    tensors = {"mean": maker.mean, "projection": maker.projection}
+    if maker.anchors is not None:
+        tensors["anchors"] = maker.anchors
+    metadata = dict(method=maker.method, sigma=repr(maker.sigma), fit_seconds=repr(maker.fit_seconds),
                     format_version=str(FORMAT_VERSION))
     atomic_write(Path(path), lambda p: save_file(tensors, str(p), metadata=metadata))
 
 
-def load_hasher(path: str | os.PathLike) -> FeatureHasher:
+def load_code_maker(path: str | os.PathLike) -> CodeMaker:
+    """A code maker as `save_code_maker` wrote it."""
     try:
         with safe_open(str(path), framework="np") as f:
             metadata = f.metadata() or {}
@@ -303,5 +305,10 @@ def load_hasher(path: str | os.PathLike) -> FeatureHasher:
         raise UserError(f"cannot read code maker {path}: {error}") from error
     if int(metadata.get("format_version", 0)) > FORMAT_VERSION or "method" not in metadata:
         raise UserError(f"{path} is not a code maker this latenthash can read: {json.dumps(metadata)}")
-    return FeatureHasher(metadata["method"], tensors["mean"], tensors["projection"], tensors.get("anchors"),
-                         float(metadata.get("sigma", 0.0)), float(metadata.get("fit_seconds", 0.0)))
+    return CodeMaker(metadata["method"], tensors["mean"], tensors["projection"], tensors.get("anchors"),
+                     float(metadata.get("sigma", 0.0)), float(metadata.get("fit_seconds", 0.0)))
+
+
+# The names before "code maker" was the one word, importable for one more release (README's example used them).
+FeatureHasher, HASHERS = CodeMaker, CODE_MAKERS
+fit_hasher, save_hasher, load_hasher = fit_code_maker, save_code_maker, load_code_maker

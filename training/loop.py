@@ -1,5 +1,6 @@
 """The training loop behind `python -m training.train`, readable top to bottom: devices, augmentation, the
-learning-rate schedule, the loss, the optimizer, checkpoints, then `run`.
+learning-rate schedule, the loss, the optimizer, checkpoints, then `run` and its steps (prepare, an epoch, a
+step, a record, the finish).
 
 It follows airbench94 (Keller Jordan): whole-batch tensor augmentation of in-memory uint8 images, Nesterov SGD
 with a triangular learning-rate schedule, BatchNorm biases at a higher rate, and Lookahead weight averaging.
@@ -11,7 +12,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,10 @@ from training.collapse import code_spread
 from training.config import (CHECKPOINT, CHECKPOINT_STATE, TRAIN_CONFIG, TrainConfig, read_train_config,
                              save_train_config)
 from training.data import Dataset, LabeledImages, load_dataset
-from training.errors import UserError
+from training.errors import Setting, UserError
 from training.files import atomic_write, removed_on
 from training.model import HashingNet, create_backbone, hashing_net, pick_device, save_model
-from training.schedule import plan_schedule
+from training.schedule import Schedule, plan_schedule
 
 # ---------------------------------------------------------------- devices and distributed runs
 def has_native_bf16() -> bool:
@@ -39,11 +40,11 @@ def has_native_bf16() -> bool:
 
 
 def use_bf16(amp: str, device: torch.device) -> bool:
-    """bf16 autocast by default on GPUs and on CPUs with native bf16; `--amp on/off` decides otherwise.
+    """bf16 autocast by default on GPUs and on CPUs with native bf16; `amp` "on" or "off" decides otherwise.
 
-    Measured (benchmarks/RESULTS.md, issue 16): bf16 matches fp32's accuracy within the seed spread (H200; an
-    AVX-512 EPYC, 3 seeds) and trains 2.3x faster than fp32 on an AVX512-BF16 EPYC, ~3x on an AMX Xeon; on an
-    AVX2-only CPU it is 11-16x *slower*, so there the safe path stays.
+    bf16 trains as well as fp32 and several times faster where the hardware computes it; where it is emulated
+    (AVX2-only CPUs) it is many times slower, so there fp32 stays (benchmarks/RESULTS.md, "Why the training
+    defaults are what they are").
     """
     if amp != "auto":
         return amp == "on"
@@ -225,22 +226,23 @@ def save_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimiz
     atomic_write(out / CHECKPOINT_STATE, lambda p: p.write_text(json.dumps(state)))
 
 
-# Flags a resumed run may change: where things are and how fast they run, not the schedule, data order or model.
+# Settings a resumed run may change: where things are and how fast they run, not the schedule, data order or model.
 RESUMABLE_CHANGES = frozenset({"data", "out", "resume", "overwrite", "device", "amp", "tta", "keep_collapsed"})
 
 
-def check_resumed_flags(out: Path, config: TrainConfig) -> None:
-    """A resumed run must follow the trajectory the run started on (issue 16): another --epochs, --lr or --seed
-    would bend its schedule or batches midway."""
+def check_resumed_settings(out: Path, config: TrainConfig) -> None:
+    """A resumed run must follow the trajectory the run started on (issue 16): other epochs, lr or seed would
+    bend its schedule or batches midway."""
     started = read_train_config(out)
     if started is None:
         return  # load_checkpoint says what is missing
-    changed = [f"--{name.replace('_', '-')} {getattr(started, name)} (now {value})"
-               for name, value in asdict(config).items()
-               if name not in RESUMABLE_CHANGES and getattr(started, name) != value]
+    changed: list[str | Setting] = []
+    for name, value in asdict(config).items():
+        if name not in RESUMABLE_CHANGES and getattr(started, name) != value:
+            changed += [", " if changed else "", Setting(name), f" {getattr(started, name)} (now {value})"]
     if changed:
-        raise UserError(f"cannot resume from {out}: it started with {', '.join(changed)}; resume with the flags "
-                        f"the run started with ({out / TRAIN_CONFIG})")
+        raise UserError(f"cannot resume from {out}: it started with ", *changed, "; resume with the settings the "
+                        f"run started with ({out / TRAIN_CONFIG})")
 
 
 def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimizer,
@@ -253,10 +255,10 @@ def load_checkpoint(out: Path, model: HashingNet, optimizer: torch.optim.Optimiz
     device = next(model.parameters()).device
     try:
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    except RuntimeError as error:  # another --backbone, --bits or --aux-weight than the run started with
+    except RuntimeError as error:  # another backbone, bits or aux_weight than the run started with
         detail = (str(error).splitlines()[1] if "\n" in str(error) else str(error)).strip().rstrip(".")
-        raise UserError(f"cannot resume from {out}: its checkpoint does not fit the model these flags make "
-                        f"({detail}); resume with the flags the run started with ({out / TRAIN_CONFIG})") \
+        raise UserError(f"cannot resume from {out}: its checkpoint does not fit the model these settings make "
+                        f"({detail}); resume with the settings the run started with ({out / TRAIN_CONFIG})") \
             from error
     optimizer_state = optimizer.state_dict()
     for key, value in tensors.items():
@@ -281,16 +283,59 @@ def run(config: TrainConfig, dataset: Dataset | None = None) -> dict:
     torch.manual_seed(config.seed)
     out = Path(config.out)
     if config.resume:
-        check_resumed_flags(out, config)
-    # Before any image is decoded: a bad --weights file or --pretrained offline costs seconds, not a dataset
+        check_resumed_settings(out, config)
+    # Before any image is decoded: a bad weights file or pretrained weights offline cost seconds, not a dataset
     backbone = create_backbone(config.backbone, config.pretrained, config.weights)
     if dataset is None:
         dataset = load_dataset(config.data, config.format, config.input_size, config.val_split, config.seed,
                                config.class_names)
     if config.mirror_average and not dataset.mirror_invariant:
-        raise UserError("--mirror-average: a horizontal flip changes what these images mean (digits)")
+        raise UserError(Setting("mirror_average"), ": a horizontal flip changes what these images mean (digits)")
     with removed_on(UserError, out):
         return _train(config, dataset, backbone, out, device, rank, world_size)
+
+
+@dataclass
+class TrainingRun:
+    """What every step of a run reads: the model and its optimizer, the data on the device, the schedule."""
+
+    config: TrainConfig
+    dataset: Dataset
+    out: Path
+    model: HashingNet
+    trained: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.SGD
+    lookahead: dict[str, torch.Tensor] | None
+    schedule: Schedule
+    images: torch.Tensor  # the training images and labels, on the device
+    labels: torch.Tensor
+    target_bits: torch.Tensor | None  # cnnh, cnnh+: each training image's target code
+    first_epoch_flips: torch.Tensor | None  # alternating flips: the images mirrored in even epochs
+    bf16: bool
+    rank: int
+    world_size: int
+    start_epoch: int  # a resumed run's first epoch; steps taken and epochs recorded so far
+    step: int
+    history: list[dict]
+
+    @property
+    def classes_trained(self) -> bool:
+        return self.config.objective != "cnnh"  # pure CNNH leaves the classifier untrained
+
+    @property
+    def flip(self) -> bool:
+        return self.config.flip and self.dataset.mirror_invariant
+
+
+@dataclass
+class Window:
+    """Training counts since the last record (a small set's epochs are recorded a few at a time)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0  # right classes, or with cnnh the share of target bits hit
+    saturated: float = 0.0
 
 
 def _train(config: TrainConfig, dataset: Dataset, backbone: nn.Module, out: Path, device: torch.device, rank: int,
@@ -299,127 +344,156 @@ def _train(config: TrainConfig, dataset: Dataset, backbone: nn.Module, out: Path
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         report_skipped(dataset.skipped, out)
-    input_size = dataset.train.images.shape[-1]
-    model = hashing_net(backbone, config.backbone, config.bits, dataset.class_names, input_size).to(device)
+    job = prepare_run(config, dataset, backbone, out, device, rank, world_size)
+    if rank == 0:
+        tqdm.write(f"training {job.schedule.describe(len(dataset.train))}")
+        save_train_config(config, out)
+        # From the checkpoint's history: an epoch logged after the last checkpoint is not counted twice.
+        (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in job.history))
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    started = time.perf_counter() - (job.history[-1]["elapsed_seconds"] if job.history else 0.0)  # resumed: counts on
+    window = Window()
+    for epoch in range(job.start_epoch, job.schedule.epochs):
+        train_epoch(job, epoch, generator, window)
+        if (epoch + 1) % job.schedule.record_every and epoch + 1 < job.schedule.epochs:
+            continue
+        if not config.freeze_backbone:  # a frozen backbone keeps the statistics it came with
+            recompute_batchnorm_statistics(job.model, job.images[:BN_STATISTICS_IMAGES], job.schedule.batch_size,
+                                           job.bf16)
+        if rank == 0:
+            record_epoch(job, epoch, window, started)
+        window = Window()
+    return finish(job, started)
+
+
+def prepare_run(config: TrainConfig, dataset: Dataset, backbone: nn.Module, out: Path, device: torch.device,
+                rank: int, world_size: int) -> TrainingRun:
+    """The hashing network on `backbone`, its optimizer and schedule, and the training data on the device; a
+    resumed run's state from its checkpoint."""
+    model = hashing_net(backbone, config.backbone, config.bits, dataset.class_names, dataset.train.images.shape[-1])
+    model = model.to(device)
     model.config.extra["objective"] = config.objective
     model.config.mirror_average = config.mirror_average
     model.backbone.requires_grad_(not config.freeze_backbone)  # frozen: no backbone graph, ~3x cheaper steps
     if config.aux_weight:
         model.auxiliary = nn.Linear(model.config.feature_dim, len(dataset.class_names), bias=False).to(device)
-    classes_trained = config.objective != "cnnh"  # pure CNNH leaves the classifier untrained
     target_bits = None
     if config.objective != "latent":
         target_bits = torch.from_numpy(cnnh_target_codes(dataset.train.labels.numpy(), config.bits,
                                                          seed=config.seed)).float().to(device)
-    flip = config.flip and dataset.mirror_invariant
-    first_epoch_flips = None  # --alternating-flip: the images mirrored in even epochs, fixed by the seed
-    if flip and config.alternating_flip:
+    first_epoch_flips = None
+    if config.flip and dataset.mirror_invariant and config.alternating_flip:  # fixed by the seed
         seeded = torch.Generator(device=device).manual_seed(config.seed)
         first_epoch_flips = torch.rand(len(dataset.train), generator=seeded, device=device) < 0.5
-    train_images = dataset.train.images.to(device)
-    train_labels = dataset.train.labels.to(device)
+    images, labels = dataset.train.images.to(device), dataset.train.labels.to(device)
     if hasattr(model.backbone, "init_whitening") and not config.resume and config.weights is None:
-        model.backbone.init_whitening(model.normalize(train_images[:5000]))
+        model.backbone.init_whitening(model.normalize(images[:5000]))
     model = model.to(memory_format=torch.channels_last)
-    bf16 = use_bf16(config.amp, device)
     schedule = plan_schedule(len(dataset.train), config.batch_size, config.epochs, world_size)
-    batch_size, steps_per_epoch, total_steps, epochs = (schedule.batch_size, schedule.steps_per_epoch,
-                                                        schedule.total_steps, schedule.epochs)
-    optimizer = make_optimizer(model, config, batch_size)
+    optimizer = make_optimizer(model, config, schedule.batch_size)
     lookahead = {k: v.clone() for k, v in model.state_dict().items()} if config.lookahead else None
-    start_epoch, step, history = 0, 0, []
-    if config.resume:
-        state = load_checkpoint(out, model, optimizer, lookahead)
-        start_epoch, step, history = state["epoch"], state["step"], state["history"]
-    trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not classes_trained) \
+    saved = load_checkpoint(out, model, optimizer, lookahead) if config.resume else dict(epoch=0, step=0, history=[])
+    trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=config.objective == "cnnh") \
         if world_size > 1 else model
-    if rank == 0:
-        tqdm.write(f"training {schedule.describe(len(dataset.train))}")
-        save_train_config(config, out)
-        # From the checkpoint's history: an epoch logged after the last checkpoint is not counted twice.
-        (out / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in history))
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    started = time.perf_counter() - (history[-1]["elapsed_seconds"] if history else 0.0)  # a resumed run counts on
-    # Counted since the last record: a small set's epochs are recorded (evaluated, checkpointed) a few at a time
-    window_start, seen, loss_sum, correct, saturated = time.perf_counter(), 0, 0.0, 0, 0.0
-    for epoch in range(start_epoch, epochs):
-        generator.manual_seed(config.seed * 1000 + epoch)  # per-epoch seed: a resumed run sees the same batches
-        order = torch.randperm(len(dataset.train), generator=generator, device=device)
-        order = order[rank * batch_size * steps_per_epoch:][:batch_size * steps_per_epoch]
-        epoch_start, epoch_seen = time.perf_counter(), seen
-        set_train_mode(model, config.freeze_backbone)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0, leave=False)
-        for batch_index in bar:
-            if step >= total_steps:
-                break
-            index = order[batch_index * batch_size:(batch_index + 1) * batch_size]
-            mirror = mirrored(index, epoch, generator, first_epoch_flips) if flip else None
-            images = augment(train_images[index], config.translate, mirror, generator)
-            images = images.contiguous(memory_format=torch.channels_last)
-            labels = train_labels[index]
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, total_steps, config.warmup)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                latent, logits, auxiliary = trained(images, with_latent=True)
-            targets = target_bits[index] if target_bits is not None else None
-            loss = hashing_loss(config.objective, latent, logits, labels, targets, config.label_smoothing, auxiliary,
-                                config.aux_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-            optimizer.step()
-            step += 1
-            if lookahead is not None and step % 5 == 0:
-                _lookahead_update(model, lookahead, 0.95 ** 5 * (step / total_steps) ** 3)
-            seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            saturated += saturated_share(latent) * len(labels)
-            if classes_trained:
-                correct += (logits.argmax(1) == labels).sum().item()
-            else:  # the fraction of target bits hit
-                correct += ((latent > 0) == (targets > 0.5)).float().mean(1).sum().item()
-            rate = (seen - epoch_seen) * world_size / (time.perf_counter() - epoch_start)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.0f}")
-        if lookahead is not None and step >= total_steps:
-            _lookahead_update(model, lookahead, 1.0)  # finish on the averaged weights
-        if (epoch + 1) % schedule.record_every and epoch + 1 < epochs:
-            continue
-        if not config.freeze_backbone:  # a frozen backbone keeps the statistics it came with
-            recompute_batchnorm_statistics(model, train_images[:BN_STATISTICS_IMAGES], batch_size, bf16)
-        if rank == 0:
-            train_seconds = time.perf_counter() - window_start
-            has_validation = dataset.test is not None and classes_trained
-            val_acc = evaluate(model, dataset.test, device, bf16) if has_validation else None
-            record = dict(epoch=epoch + 1, step=step, train_loss=loss_sum / max(1, seen),
-                          train_acc=correct / max(1, seen), val_acc=val_acc, latent_saturated=saturated / max(1, seen),
-                          epoch_seconds=round(train_seconds, 2),  # since the last record (schedule.record_every)
-                          images_per_second=round(seen * world_size / train_seconds, 1),
-                          elapsed_seconds=round(time.perf_counter() - started, 2))
-            history.append(record)
-            if record["latent_saturated"] > 0.25:
-                tqdm.write(f"warning: {record['latent_saturated']:.0%} of the latent layer's outputs are saturated "
-                           "(the sigmoid's slope below 1% of its peak): the codes have stopped learning; lower --lr")
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            val_text = f"val acc {val_acc:.4f}" if val_acc is not None else \
-                "no validation set" if classes_trained else "no class outputs (cnnh)"
-            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {record['train_loss']:.4f}, train "
-                       f"{'acc' if classes_trained else 'target-bit acc'} {record['train_acc']:.4f}, {val_text}, "
-                       f"{record['images_per_second']:.0f} img/s")
-            save_checkpoint(out, model, optimizer, lookahead, epoch + 1, step, history)
-        window_start, seen, loss_sum, correct, saturated = time.perf_counter(), 0, 0.0, 0, 0.0
-    summary = dict(epochs=epochs, steps=step, batch_size=batch_size, schedule=schedule.reason,
-                   seconds=round(time.perf_counter() - started, 1), history=history)
-    if rank == 0:
-        if dataset.test is not None and classes_trained:
-            summary["val_acc"] = history[-1]["val_acc"] if history else None
+    return TrainingRun(config, dataset, out, model, trained, optimizer, lookahead, schedule, images, labels, target_bits,
+               first_epoch_flips, use_bf16(config.amp, device), rank, world_size, saved["epoch"], saved["step"],
+               saved["history"])
+
+
+def train_epoch(job: TrainingRun, epoch: int, generator: torch.Generator, window: Window) -> None:
+    """One pass over this process's share of the training set (or what is left of the planned steps)."""
+    config, schedule, batch_size = job.config, job.schedule, job.schedule.batch_size
+    generator.manual_seed(config.seed * 1000 + epoch)  # per-epoch seed: a resumed run sees the same batches
+    order = torch.randperm(len(job.images), generator=generator, device=job.images.device)
+    order = order[job.rank * batch_size * schedule.steps_per_epoch:][:batch_size * schedule.steps_per_epoch]
+    epoch_start, epoch_seen = time.perf_counter(), window.seen
+    set_train_mode(job.model, config.freeze_backbone)
+    bar = tqdm(range(schedule.steps_per_epoch), desc=f"epoch {epoch + 1}/{schedule.epochs}", disable=job.rank != 0,
+               leave=False)
+    for batch_index in bar:
+        if job.step >= schedule.total_steps:
+            break
+        index = order[batch_index * batch_size:(batch_index + 1) * batch_size]
+        train_step(job, index, epoch, generator, window)
+        rate = (window.seen - epoch_seen) * job.world_size / (time.perf_counter() - epoch_start)
+        bar.set_postfix(loss=f"{window.loss_sum / window.seen:.3f}", acc=f"{window.correct / window.seen:.3f}",
+                        img_s=f"{rate:.0f}")
+    if job.lookahead is not None and job.step >= schedule.total_steps:
+        _lookahead_update(job.model, job.lookahead, 1.0)  # finish on the averaged weights
+
+
+def train_step(job: TrainingRun, index: torch.Tensor, epoch: int, generator: torch.Generator, window: Window) -> None:
+    """One optimizer step on the training images at `index`, counted in `window`."""
+    config, total_steps = job.config, job.schedule.total_steps
+    mirror = mirrored(index, epoch, generator, job.first_epoch_flips) if job.flip else None
+    images = augment(job.images[index], config.translate, mirror, generator)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = job.labels[index]
+    for group in job.optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(job.step, total_steps, config.warmup)
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=job.bf16):
+        latent, logits, auxiliary = job.trained(images, with_latent=True)
+    targets = job.target_bits[index] if job.target_bits is not None else None
+    loss = hashing_loss(config.objective, latent, logits, labels, targets, config.label_smoothing, auxiliary,
+                        config.aux_weight)
+    job.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip_grad_norm:
+        nn.utils.clip_grad_norm_(job.model.parameters(), config.clip_grad_norm)
+    job.optimizer.step()
+    job.step += 1
+    if job.lookahead is not None and job.step % 5 == 0:
+        _lookahead_update(job.model, job.lookahead, 0.95 ** 5 * (job.step / total_steps) ** 3)
+    window.seen += len(labels)
+    window.loss_sum += loss.item() * len(labels)
+    window.saturated += saturated_share(latent) * len(labels)
+    if job.classes_trained:
+        window.correct += (logits.argmax(1) == labels).sum().item()
+    else:  # the fraction of target bits hit
+        window.correct += ((latent > 0) == (targets > 0.5)).float().mean(1).sum().item()
+
+
+def record_epoch(job: TrainingRun, epoch: int, window: Window, started: float) -> None:
+    """Evaluate, log and checkpoint after `epoch` (process 0 only)."""
+    train_seconds = time.perf_counter() - window.start
+    seen = max(1, window.seen)
+    device = job.images.device
+    has_validation = job.dataset.test is not None and job.classes_trained
+    val_acc = evaluate(job.model, job.dataset.test, device, job.bf16) if has_validation else None
+    record = dict(epoch=epoch + 1, step=job.step, train_loss=window.loss_sum / seen, train_acc=window.correct / seen,
+                  val_acc=val_acc, latent_saturated=window.saturated / seen,
+                  epoch_seconds=round(train_seconds, 2),  # since the last record (schedule.record_every)
+                  images_per_second=round(window.seen * job.world_size / train_seconds, 1),
+                  elapsed_seconds=round(time.perf_counter() - started, 2))
+    job.history.append(record)
+    if record["latent_saturated"] > 0.25:
+        tqdm.write(f"warning: {record['latent_saturated']:.0%} of the latent layer's outputs are saturated (the "
+                   "sigmoid's slope below 1% of its peak): the codes have stopped learning; lower the learning rate")
+    with open(job.out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    val_text = f"val acc {val_acc:.4f}" if val_acc is not None else \
+        "no validation set" if job.classes_trained else "no class outputs (cnnh)"
+    tqdm.write(f"epoch {epoch + 1}/{job.schedule.epochs}: loss {record['train_loss']:.4f}, train "
+               f"{'acc' if job.classes_trained else 'target-bit acc'} {record['train_acc']:.4f}, {val_text}, "
+               f"{record['images_per_second']:.0f} img/s")
+    save_checkpoint(job.out, job.model, job.optimizer, job.lookahead, epoch + 1, job.step, job.history)
+
+
+def finish(job: TrainingRun, started: float) -> dict:
+    """The summary of the run; process 0 scores the codes, saves the model and writes summary.json."""
+    dataset, config, schedule = job.dataset, job.config, job.schedule
+    summary = dict(epochs=schedule.epochs, steps=job.step, batch_size=schedule.batch_size, schedule=schedule.reason,
+                   seconds=round(time.perf_counter() - started, 1), history=job.history)
+    if job.rank == 0:
+        if dataset.test is not None and job.classes_trained:
+            summary["val_acc"] = job.history[-1]["val_acc"] if job.history else None
             if config.tta:
-                summary["val_acc_tta"] = evaluate(model, dataset.test, device, bf16, tta=dataset.mirror_invariant)
-        summary["codes"] = check_codes(model, dataset, config.keep_collapsed)
-        summary["fingerprint"] = save_model(model, out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if world_size > 1:
+                summary["val_acc_tta"] = evaluate(job.model, dataset.test, job.images.device, job.bf16,
+                                                  tta=dataset.mirror_invariant)
+        summary["codes"] = check_codes(job.model, dataset, config.keep_collapsed)
+        summary["fingerprint"] = save_model(job.model, job.out)
+        (job.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if job.world_size > 1:
         torch.distributed.destroy_process_group()
     return summary
 
@@ -442,12 +516,13 @@ def check_codes(model: HashingNet, dataset: Dataset, keep_collapsed: bool, batch
     if spread.collapsed:
         text = f"the codes cannot tell the classes apart: {spread.describe()} ({where})"
         if not keep_collapsed:
-            raise UserError(f"{text}. Train longer (--epochs), start from trained weights (--pretrained or "
-                            "--weights), or give --keep-collapsed to keep the model anyway")
-        tqdm.write(f"warning: {text}; kept (--keep-collapsed)")
+            raise UserError(f"{text}. Train longer (", Setting("epochs"), "), start from trained weights (",
+                            Setting("pretrained"), " or ", Setting("weights"), "), or keep the model anyway with ",
+                            Setting("keep_collapsed"))
+        tqdm.write(f"warning: {text}; kept, as asked")
     elif spread.mostly_stuck:
         tqdm.write(f"note: {spread.stuck_bits} of {spread.bits} bits are the same on all {spread.images} {where}: "
-                   "they tell no images apart; fewer --bits would do, or train longer")
+                   "they tell no images apart; a shorter code would do, or longer training")
     return dict(asdict(spread), images_from="validation" if held_out else "training")
 
 

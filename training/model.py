@@ -23,7 +23,7 @@ from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 from training import backbones  # noqa: F401  (registers the CIFAR-native backbones with timm)
-from training.errors import UserError
+from training.errors import Setting, UserError
 from training.files import atomic_write
 
 FORMAT_VERSION = 2  # 2: mirror_average
@@ -58,9 +58,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but no CUDA GPU is available")
+        raise UserError(Setting("device"), " cuda asked for, but no CUDA GPU is available")
     if name not in ("cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not '{name}'")
+        raise UserError(Setting("device"), f" must be auto, cpu or cuda, not '{name}'")
     return torch.device(name)
 
 
@@ -136,7 +136,7 @@ def create_model(
 ) -> HashingNet:
     """Build a hashing network on a timm backbone (`pretrained` = timm hub weights, `weights` = a local file)."""
     if bits < 1:
-        raise UserError(f"--bits must be at least 1, got {bits}")
+        raise UserError(f"bits must be at least 1, got {bits}")
     if len(class_names) < 2:
         raise UserError(f"need at least two classes to train, found {len(class_names)}")
     return hashing_net(create_backbone(backbone, pretrained, weights), backbone, bits, class_names, input_size)
@@ -166,9 +166,9 @@ def _create_offline(name: str) -> nn.Module:
         with hub_offline():
             return timm.create_model(name, pretrained=True, num_classes=0)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, URLError):  # URLError: weights hosted elsewhere
-        raise UserError(f"--pretrained: {name}'s weights are not in the local cache and {hub_endpoint()} cannot "
-                        "be reached (no internet?); run once with internet, or give a local file with "
-                        "--weights") from None
+        raise UserError(Setting("pretrained"), f": {name}'s weights are not in the local cache and {hub_endpoint()} "
+                        "cannot be reached (no internet?); run once with internet, or give a local file with ",
+                        Setting("weights")) from None
 
 
 def hashing_net(net: nn.Module, backbone: str, bits: int, class_names: list[str], input_size: int) -> HashingNet:
@@ -225,7 +225,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     if path.is_dir():
         path = path / "model.safetensors"
     if not path.is_file():
-        raise UserError(f"cannot read --weights file {path}: no such file")
+        raise UserError("cannot read ", Setting("weights"), f" file {path}: no such file")
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -236,18 +236,19 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             if isinstance(state, dict) and "model" in state:
                 state = state["model"]
     except Exception as error:  # any unreadable file: one line, not torch's paragraphs of advice
-        raise UserError(f"cannot read --weights file {path}: not a .safetensors file or a state dict that "
-                        f"torch.load reads with weights_only=True ({type(error).__name__}: {first_line(error)})") \
-            from None
+        raise UserError("cannot read ", Setting("weights"), f" file {path}: not a .safetensors file or a state dict "
+                        f"that torch.load reads with weights_only=True ({type(error).__name__}: "
+                        f"{first_line(error)})") from None
     if not isinstance(state, dict):
-        raise UserError(f"--weights file {path} holds no state dict")
+        raise UserError(Setting("weights"), f" file {path} holds no state dict")
     own = backbone.state_dict()
     prefix = "backbone."  # a HashingNet's keys
     inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     usable = max(({k: v for k, v in candidate.items() if k in own and own[k].shape == v.shape}
                   for candidate in (state, inner)), key=len)
     if not usable:
-        raise UserError(f"--weights file {path} has no tensor matching backbone {type(backbone).__name__}")
+        raise UserError(Setting("weights"), f" file {path} has no tensor matching backbone "
+                        f"{type(backbone).__name__}")
     backbone.load_state_dict(usable, strict=False)
 
 
@@ -257,7 +258,9 @@ def _fingerprint(weights: bytes, config: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-MAX_BITS = 4096  # code length bound: what a catalog stores (shards.codes.MAX_BITS says the same)
+# Bounds on a config.json that a user may edit, so that a wrong value is one clear error rather than a process
+# killed for memory. A catalog's own bound on the code length is the storage layer's (shards.codes.MAX_BITS).
+MAX_WIDTH = 65536  # units of the feature and latent layers
 MAX_INPUT_SIZE = 2048  # pixels per side: a 2048x2048 batch of 256 is already 3 GB of uint8
 
 
@@ -278,9 +281,9 @@ def check_model_config(config: dict, where: Path) -> None:
 
     if not isinstance(config.get("backbone"), str) or not config["backbone"]:
         fail("backbone", "a timm model name")
-    integer("bits", 1, MAX_BITS)
+    integer("bits", 1, MAX_WIDTH)
     integer("input_size", 8, MAX_INPUT_SIZE)
-    integer("feature_dim", 0, 65536)
+    integer("feature_dim", 0, MAX_WIDTH)
     names = config.get("class_names")
     if not isinstance(names, list) or not 2 <= len(names) <= 1_000_000 or not all(isinstance(n, str) for n in names):
         fail("class_names", "a list of at least two strings")

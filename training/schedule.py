@@ -3,8 +3,8 @@
 Ten epochs of batch 256 are ~1,950 steps on CIFAR-10, but one step an epoch on a folder of 400 photos: ten
 steps in all, after which every image got the same code (issue 35). So by default a batch gives an epoch at
 least MIN_STEPS_PER_EPOCH steps, and a run takes at least MIN_STEPS steps however many epochs that makes; a
-large set keeps the recipe (10 epochs of 256). An --epochs or --batch-size given is followed as given, except
-that a batch is never larger than the training set.
+large set keeps the recipe (10 epochs of 256). A number of epochs or a batch size asked for is followed as
+asked, except that a batch is never larger than the training set.
 """
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 DEFAULT_EPOCHS = 10.0
 DEFAULT_BATCH_SIZE = 256
-# 400 photos, README's resnet18 command from scratch (issue 35): 500 steps of 16 gave a catalog precision@10 of
-# 0.54 on 4 drawn classes, 1,012 steps 0.78; on 10 CIFAR-10 classes 0.18 and 0.22 (1,000). A large set runs more
-# steps than this anyway (CIFAR-10: 1,950).
+# Enough steps for a small folder trained from scratch to give codes that tell its classes apart (evidence:
+# benchmarks/RESULTS.md, "Small photo folders (issue 35)"); a large set runs more steps than this anyway.
 MIN_STEPS = 1000
 MIN_STEPS_PER_EPOCH = 16
 SMALLEST_DEFAULT_BATCH = 16  # BatchNorm's statistics need a few images a batch
@@ -58,7 +57,7 @@ def plan_schedule(train_images: int, batch_size: int | None = None, epochs: floa
     batch = default_batch_size(per_process) if batch_size is None else batch_size
     reasons = []
     if batch > per_process:
-        given = f"--batch-size {batch}" if batch_size is not None else "the smallest default batch"
+        given = f"the batch size asked for, {batch}," if batch_size is not None else "the smallest default batch"
         reasons.append(f"batch {per_process}: {given} is more than the {per_process} training images"
                        + (" of a process" if processes > 1 else ""))
         batch = per_process
@@ -68,11 +67,11 @@ def plan_schedule(train_images: int, batch_size: int | None = None, epochs: floa
     steps_per_epoch = max(1, train_images // (batch * processes))
     if epochs is not None:
         total_steps = max(1, math.ceil(epochs * steps_per_epoch))
-        reasons.insert(0, f"--epochs {epochs:g}")
+        reasons.insert(0, f"{epochs:g} epochs, as asked")
     else:
         by_epochs = math.ceil(DEFAULT_EPOCHS * steps_per_epoch)
         total_steps = max(by_epochs, MIN_STEPS)
         reasons.insert(0, f"{DEFAULT_EPOCHS:g} epochs (the default)" if by_epochs >= MIN_STEPS else
                        f"at least {MIN_STEPS} steps, however many epochs that takes: a small set learns little "
-                       f"in {DEFAULT_EPOCHS:g} epochs (--epochs sets the length)")
+                       f"in {DEFAULT_EPOCHS:g} epochs (a number of epochs asked for sets the length)")
     return Schedule(batch, steps_per_epoch, total_steps, "; ".join(reasons))

@@ -16,54 +16,67 @@ from pathlib import Path
 
 from training.config import CHECKPOINT, FORMATS, OBJECTIVES, TrainConfig
 from training.cli import program_name, run_cli
-from training.errors import UserError
+from training.errors import Setting, UserError
+from training.recipes import RECIPES, recipe_settings
 from training.schedule import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH
 
 def check_config(config: TrainConfig) -> None:
     """Every argument that can be checked without data, checked before any image is decoded or any folder is
     made: a mistake costs a second, not a decoded dataset and an empty model folder."""
-    from training.model import MAX_BITS, MAX_INPUT_SIZE, check_backbone_name
+    from training.model import MAX_INPUT_SIZE, check_backbone_name
 
-    for name, value, low in (("bits", config.bits, 1), ("batch-size", config.batch_size, 1),
-                             ("input-size", config.input_size, 8)):
-        if value is not None and value < low:
-            raise UserError(f"--{name} must be at least {low}, got {value}")
-    if config.input_size > MAX_INPUT_SIZE:
-        raise UserError(f"--input-size must be at most {MAX_INPUT_SIZE}, got {config.input_size}")
-    if config.bits > MAX_BITS:
-        raise UserError(f"--bits must be at most {MAX_BITS}, got {config.bits}")
-    for name, value in (("aux-weight", config.aux_weight), ("clip-grad-norm", config.clip_grad_norm)):  # 0: off
-        if not math.isfinite(value) or value < 0:
-            raise UserError(f"--{name} must be 0 or more, got {value}")
+    _check_ranges(config, MAX_INPUT_SIZE)
     if config.aux_weight and config.freeze_backbone:
-        raise UserError("--aux-weight trains the backbone faster; with --freeze-backbone it would change nothing")
-    for name, value in (("epochs", config.epochs), ("lr", config.lr),
-                        ("norm-bias-lr-scale", config.norm_bias_lr_scale)):
-        if value is not None and (not math.isfinite(value) or value <= 0):
-            raise UserError(f"--{name} must be a positive number, got {value}")
-    if not 0 < config.warmup < 1:
-        raise UserError(f"--warmup must be in (0, 1), got {config.warmup}")
-    if not 0 <= config.val_split < 1:
-        raise UserError(f"--val-split must be in [0, 1), got {config.val_split}")
-    if not 0 <= config.label_smoothing < 1:
-        raise UserError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
+        raise UserError(Setting("aux_weight"), " trains the backbone faster; with ", Setting("freeze_backbone"),
+                        " it would change nothing")
     if config.objective not in OBJECTIVES:
-        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not '{config.objective}'")
+        raise UserError(Setting("objective"), f" must be one of {', '.join(OBJECTIVES)}, not '{config.objective}'")
     if config.format not in FORMATS:
-        raise UserError(f"unknown --format '{config.format}'; choose one of {', '.join(FORMATS)}")
+        raise UserError("unknown ", Setting("format"), f" '{config.format}'; choose one of {', '.join(FORMATS)}")
     if config.freeze_backbone and config.weights is None and not config.pretrained:
-        raise UserError("--freeze-backbone needs a trained backbone: give --weights (or --pretrained)")
+        raise UserError(Setting("freeze_backbone"), " needs a trained backbone: give ", Setting("weights"), " (or ",
+                        Setting("pretrained"), ")")
     if not Path(config.data).exists():
         raise UserError(f"data path {config.data} does not exist")
+    _check_out(config)
+    check_backbone_name(config.backbone)
+
+
+def _check_ranges(config: TrainConfig, max_input_size: int) -> None:
+    """Each number within what the run can use. (The code length's upper bound is the catalog's, checked when one
+    is built: the model itself takes any number of bits.)"""
+    for name, low in (("bits", 1), ("batch_size", 1), ("input_size", 8)):
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise UserError(Setting(name), f" must be at least {low}, got {value}")
+    if config.input_size > max_input_size:
+        raise UserError(Setting("input_size"), f" must be at most {max_input_size}, got {config.input_size}")
+    for name in ("aux_weight", "clip_grad_norm"):  # 0: off
+        value = getattr(config, name)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(Setting(name), f" must be 0 or more, got {value}")
+    for name in ("epochs", "lr", "norm_bias_lr_scale"):
+        value = getattr(config, name)
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise UserError(Setting(name), f" must be a positive number, got {value}")
+    for name, zero_allowed in (("warmup", False), ("val_split", True), ("label_smoothing", True)):
+        value = getattr(config, name)
+        if not (0 <= value < 1 if zero_allowed else 0 < value < 1):
+            raise UserError(Setting(name), f" must be in {'[' if zero_allowed else '('}0, 1), got {value}")
+
+
+def _check_out(config: TrainConfig) -> None:
+    """A run continues the model in `out` only with `resume`, and replaces it only with `overwrite`."""
     out = Path(config.out)
     if config.resume and not (out / CHECKPOINT).is_file():
-        raise UserError(f"--resume: no checkpoint in {out}")
+        raise UserError(Setting("resume"), f": no checkpoint in {out}")
     if config.resume and config.overwrite:
-        raise UserError("--resume continues the model in --out, --overwrite replaces it: give one")
+        raise UserError(Setting("resume"), " continues the model in ", Setting("out"), ", ", Setting("overwrite"),
+                        " replaces it: give one")
     if not config.resume and not config.overwrite and any((out / f).exists() for f in ("config.json", CHECKPOINT)):
-        raise UserError(f"{out} already holds a model; catalogs built from it would stop matching. Give another "
-                        "--out, --resume to continue it, or --overwrite to replace it")
-    check_backbone_name(config.backbone)
+        raise UserError(f"{out} already holds a model; catalogs built from it would stop matching. Give another ",
+                        Setting("out"), ", ", Setting("resume"), " to continue it, or ", Setting("overwrite"),
+                        " to replace it")
 
 
 def train(config: TrainConfig, dataset=None) -> dict:
@@ -76,9 +89,8 @@ def train(config: TrainConfig, dataset=None) -> dict:
 
 # ---------------------------------------------------------------- command line
 EXAMPLES = """examples:
-  python -m training.train --data ../shared/data/cifar-10-batches-py --out models/cifar48 --epochs 15 \
---batch-size 1024 --label-smoothing 0.2 --mirror-average --aux-weight 1 --lr 0.4 --warmup 0.14 --alternating-flip \
---clip-grad-norm 1
+  python -m training.train --recipe cifar10-48 --data ../shared/data/cifar-10-batches-py --out models/cifar48
+  python -m training.train --recipe cifar10-48 --data DIR --out models/cifar48-s1 --seed 1 --epochs 10
   python -m training.train --data photos/ --out models/photos --backbone resnet18 --input-size 64 --epochs 20
   python -m training.train --data photos/ --out models/photos --backbone resnet50 --pretrained --input-size 224
   python -m training.train --data ../shared/data/mnist --out models/mnist --bits 12 --resume
@@ -89,10 +101,32 @@ sandal,shirt,sneaker,bag,boot
 """
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig setting."""
+    return "--" + name.replace("_", "-")
+
+
+def setting_flags(settings: dict) -> list[str]:
+    """Settings as the flags that give them: `--mirror-average`, `--lr 0.4`."""
+    words = []
+    for name, value in settings.items():
+        if isinstance(value, bool):
+            words.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
+            words += [flag(name), f"{value:g}" if isinstance(value, float) else str(value)]
+    return words
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The settings of a command line: a --recipe's, then each flag given over them."""
+    recipe = argparse.ArgumentParser(prog=program_name("training.train"), add_help=False)
+    recipe.add_argument("--recipe", choices=RECIPES)
+    name = recipe.parse_known_args(argv)[0].recipe
     parser = argparse.ArgumentParser(prog=program_name("training.train"), description=__doc__.split("\n\n")[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = TrainConfig(data="", out="")
+    parser.add_argument("--recipe", choices=RECIPES, help="start from named settings; flags given override them. "
+                        + "; ".join(f"{key} = {' '.join(setting_flags(RECIPES[key]))}" for key in RECIPES))
     parser.add_argument("--data", required=True, help="image directory (one subfolder per class), CIFAR-10 "
                         "python batches directory, or MNIST IDX directory")
     parser.add_argument("--out", required=True, help="model directory to write (weights, config, checkpoints)")
@@ -132,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                         help="latent = the paper's cross-entropy (default); cnnh/cnnh+ = the CNNH baselines")
     parser.add_argument("--translate", type=int, default=defaults.translate, help="max random shift, pixels")
     parser.add_argument("--no-flip", dest="flip", action="store_false", help="no horizontal flips")
-    parser.add_argument("--alternating-flip", action="store_true",
+    parser.add_argument("--alternating-flip", action=argparse.BooleanOptionalAction, default=defaults.alternating_flip,
                         help="mirror each image in every other epoch (airbench), not half of each batch at random")
     parser.add_argument("--no-lookahead", dest="lookahead", action="store_false")
     parser.add_argument("--no-tta", dest="tta", action="store_false", help="skip the final flip/shift TTA score")
@@ -146,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--freeze-backbone", action="store_true",
                         help="train only the latent layer and classifier (with --weights): another code length "
                         "on a trained backbone in minutes")
-    parser.add_argument("--mirror-average", action="store_true",
+    parser.add_argument("--mirror-average", action=argparse.BooleanOptionalAction, default=defaults.mirror_average,
                         help="the model encodes each image and its mirror and averages the features: flip-invariant "
                         "codes (fewer wrong bits) at twice the cost of building and querying a catalog")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -157,7 +191,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--val-split", type=float, default=defaults.val_split,
                         help="held-out fraction for folders without a test/ split (default %(default)s)")
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    if name is not None:
+        parser.set_defaults(**recipe_settings(name))
+    settings = vars(parser.parse_args(argv))
+    del settings["recipe"]  # what it stands for is in the settings
+    return TrainConfig(**settings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{codes['images_from']} images; model in {config.out}")
         return 0
 
-    return run_cli(body, interrupted="interrupted: re-run with --resume to continue from the last finished epoch")
+    return run_cli(body, interrupted="interrupted: re-run with --resume to continue from the last finished epoch",
+                   describe=flag_worded)
+
+
+def flag_worded(error: Exception) -> str:
+    """An error's message with the settings it names called by their flags."""
+    return error.worded(flag) if isinstance(error, UserError) else str(error)
 
 
 if __name__ == "__main__":

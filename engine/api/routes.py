@@ -1,0 +1,148 @@
+"""The service's endpoints. Each takes the `Service` its app holds and answers JSON (or a file); mistakes are
+raised, as HTTPException here or as the layers' errors below, and worded by `engine.api.handlers`. Blocking work
+(decoding, the model, searches, commits) runs on the server's worker threads.
+(No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.)"""
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi import Path as PathParameter
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from engine.api.middleware import upload_too_large
+from engine.api.schemas import (MAX_ID, SEARCH_PARAMETERS, Added, Deleted, ErrorModel, Health, ItemModel,
+                                SearchParameters, SearchResponse, errors)
+from engine.api.service import Service
+from engine.record import item_image
+from engine.search import Timings
+
+STATIC = Path(__file__).resolve().parents[1] / "static"
+# The page's icon (a magnifier): browsers ask for /favicon.ico, and a 404 there is an error in the page's console
+FAVICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><circle cx="6.5" cy="6.5" r="4.5" '
+           b'fill="none" stroke="#2a7" stroke-width="2"/><path d="M10 10l4.5 4.5" stroke="#2a7" stroke-width="2"/>'
+           b'</svg>')
+
+router = APIRouter(responses={"4XX": {"model": ErrorModel, "description": "a client mistake, in one line"}})
+
+
+async def service_of(request: Request) -> Service:
+    """The app's service (async: FastAPI runs it on the event loop, not on a worker thread)."""
+    return request.app.state.service
+
+
+SERVICE = Annotated[Service, Depends(service_of)]
+ITEM_ID = PathParameter(..., ge=0, le=MAX_ID, description="a catalog item id")
+
+
+async def may_write(service: SERVICE,
+                    authorization: str | None = Header(None, description="Bearer TOKEN, when the server has one")):
+    if service.token is not None and authorization != f"Bearer {service.token}":
+        raise HTTPException(401, "this write needs the server's token as 'Authorization: Bearer TOKEN'")
+    if service.read_only:
+        raise HTTPException(403, "the server is read-only (--read-only)")
+
+
+async def read_upload(image: UploadFile, max_upload: int) -> bytes:
+    data = await image.read(max_upload + 1)
+    if len(data) > max_upload:
+        raise upload_too_large(max_upload)
+    return data
+
+
+def answer(service: Service, query: str, codes: np.ndarray, features: np.ndarray, parameters: SearchParameters,
+           timings: Timings) -> JSONResponse:
+    """The response as JSON directly: the shape is SearchResponse's (documented, and checked by the tests),
+    and skipping FastAPI's re-validation of every result saves ~1 ms a request."""
+    results = service.search(codes, features, parameters.k, parameters.pool, parameters.radius,
+                             parameters.rerank, parameters.filter, parameters.nprobe, timings)
+    return JSONResponse({"query": query, "results": [vars(r) for r in results]})
+
+
+def search_upload(service: Service, data: bytes, name: str, parameters: SearchParameters) -> JSONResponse:
+    timings = Timings()
+    codes, features = service.encode_photo(data, timings)
+    return answer(service, name, codes, features, parameters, timings)
+
+
+@router.post("/search", response_model=SearchResponse, summary="Search with a photo", responses=errors(400, 413))
+async def search_photo(parameters: SEARCH_PARAMETERS, service: SERVICE,
+                       image: UploadFile = File(..., description="the query photo")):
+    data = await read_upload(image, service.max_upload)  # on the event loop; the rest on a worker thread
+    return await run_in_threadpool(search_upload, service, data, image.filename or "upload", parameters)
+
+
+@router.get("/search", response_model=SearchResponse, summary="More like this: search with a catalog item",
+            responses=errors(400, 404))
+def search_item(parameters: SEARCH_PARAMETERS, service: SERVICE,
+                id: int = Query(..., ge=0, le=MAX_ID, description="a catalog item id")):
+    with service.lock.reading():
+        item = service.searcher.catalog.get([id])[0]
+    if item is None:
+        raise HTTPException(404, f"no item {id} in the catalog")
+    return answer(service, f"id:{id}", item.code[None], item.features[None], parameters, Timings())
+
+
+def stored_item(service: Service, item_id: int) -> dict:
+    item = service.item(item_id)
+    if item is None:
+        raise HTTPException(404, f"no item {item_id} in the catalog")
+    return item
+
+
+@router.get("/items/{item_id}", response_model=ItemModel, summary="An item's path, label and metadata",
+            responses=errors(404))
+def get_item(service: SERVICE, item_id: int = ITEM_ID):
+    return stored_item(service, item_id)
+
+
+@router.get("/items/{item_id}/image", summary="An item's image (only files that belong to catalog items)",
+            response_class=Response, responses={200: {"content": {"image/*": {}}}, **errors(404)})
+def get_image(service: SERVICE, item_id: int = ITEM_ID):
+    file = item_image(stored_item(service, item_id)["path"], service.image_roots)
+    if file is None:
+        raise HTTPException(404, f"item {item_id} has no image this server may show")
+    return FileResponse(file)
+
+
+@router.post("/items", response_model=Added, summary="Add a photo to the catalog (the same photo again: 200 with "
+             "its id if the label and metadata are the same, else 409)",
+             dependencies=[Depends(may_write)], responses=errors(400, 401, 403, 409, 413, 507))
+async def add_item(service: SERVICE, image: UploadFile = File(...), label: str | None = Form(None),
+                   metadata: str | None = Form(None, description="a JSON object: SKU, title, price, ... "
+                                               "(finite numbers, at most 32 levels deep and 64 KiB)")):
+    data = await read_upload(image, service.max_upload)
+    return {"id": await run_in_threadpool(service.add_photo, data, label, metadata)}
+
+
+@router.delete("/items/{item_id}", response_model=Deleted, summary="Delete an item (and its photo, if it was "
+               "added here)", dependencies=[Depends(may_write)], responses=errors(401, 403, 404, 507))
+def delete_item(service: SERVICE, item_id: int = ITEM_ID):
+    if not service.delete_photo(item_id):
+        raise HTTPException(404, f"no item {item_id} in the catalog")
+    return {"deleted": item_id}
+
+
+@router.get("/healthz", response_model=Health)
+def healthz(service: SERVICE):
+    catalog = service.searcher.catalog
+    return {"status": "ok", "items": len(catalog), "bits": catalog.bits, "model": catalog.manifest.model_fingerprint}
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,  # errors are JSON all the same
+            responses={200: {"content": {"text/plain": {}}}})
+def metrics(service: SERVICE):
+    return PlainTextResponse(generate_latest(service.metrics.registry).decode(),
+                             media_type="text/plain; version=0.0.4")
+
+
+@router.get("/", include_in_schema=False)
+def page():
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/favicon.ico", include_in_schema=False)
+def favicon():
+    return Response(FAVICON, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})

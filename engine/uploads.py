@@ -15,9 +15,9 @@ import numpy as np
 
 from engine.record import item_id, read_record
 from shards.errors import CatalogError
+from training.files import atomic_write
 
 UPLOADS = "uploads"
-PARTIAL = ".part"  # a photo being written; renamed to its final name once whole
 
 
 def uploads_folder(catalog_dir: str | os.PathLike) -> Path:
@@ -31,16 +31,7 @@ def upload_file(catalog_dir: str | os.PathLike, data: bytes) -> Path:
 
 def keep_upload(file: Path, data: bytes) -> None:
     """Write the photo whole or not at all: a full disk leaves no partial or empty file under its name."""
-    partial = file.with_name(file.name + PARTIAL)
-    try:
-        with open(partial, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, file)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    atomic_write(file, lambda tmp: tmp.write_bytes(data))
 
 
 def is_upload(catalog_dir: str | os.PathLike, path: str | None) -> bool:

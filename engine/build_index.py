@@ -25,7 +25,7 @@ from shards.index import INDEX_TYPES, describe_index_types
 from training.collapse import SAMPLE as SPREAD_SAMPLE, CodeSpread, code_spread
 from engine.cli import program_name, run_cli
 from engine.errors import InputError
-from training.hashers import SUPERVISED, fit_hasher, save_hasher
+from training.hashers import SUPERVISED, fit_code_maker, save_code_maker
 from training.images import list_images
 
 if TYPE_CHECKING:  # the modules that import torch and Faiss load when a build starts, not for --help
@@ -132,11 +132,11 @@ def _encoder(model: HashingNet, catalog_dir: Path, record: EngineRecord | None, 
         return Encoder(model, recorded_code_maker(catalog_dir, record))
     if codes in (None, "latent"):
         return Encoder(model)
-    return fit_code_maker(model, codes, code_bits or model.config.bits, files, root, fit_samples, batch_size, workers,
+    return fit_catalog_code_maker(model, codes, code_bits or model.config.bits, files, root, fit_samples, batch_size, workers,
                           progress)
 
 
-def fit_code_maker(model: HashingNet, method: str, bits: int, files: list[Path], root: Path, samples: int,
+def fit_catalog_code_maker(model: HashingNet, method: str, bits: int, files: list[Path], root: Path, samples: int,
                    batch_size: int, workers: int | None, progress: bool) -> Encoder:
     """Fit `method` on the features of up to `samples` images (a seeded random subset; labels from the
     subfolders for the supervised makers)."""
@@ -160,19 +160,19 @@ def fit_code_maker(model: HashingNet, method: str, bits: int, files: list[Path],
     bar.close()
     classes = {name: i for i, name in enumerate(sorted({labels[p] for p in kept if labels[p] is not None}))}
     label_ids = np.array([classes[labels[p]] for p in kept]) if method in SUPERVISED else None
-    return Encoder(model, fit_hasher(method, np.concatenate(features), bits, label_ids))
+    return Encoder(model, fit_code_maker(method, np.concatenate(features), bits, label_ids))
 
 
 def _record_encoder(catalog_dir: Path, record: EngineRecord | None, encoder: Encoder, model_dir: str | os.PathLike,
                     root: Path) -> None:
     """Keep the code maker (a new one: fitted for this catalog) and engine.json: which model and code maker made
     the codes, and the image folders whose images items may show, this one added."""
-    if encoder.hasher is not None and record is None:
-        save_hasher(encoder.hasher, catalog_dir / CODE_MAKER_FILE)
+    if encoder.code_maker is not None and record is None:
+        save_code_maker(encoder.code_maker, catalog_dir / CODE_MAKER_FILE)
     roots = record.image_roots if record is not None else []
     write_record(catalog_dir, EngineRecord(
         model_dir=str(Path(model_dir).resolve()), model_fingerprint=encoder.model.fingerprint, codes=encoder.codes,
-        code_maker=CODE_MAKER_FILE if encoder.hasher is not None else None,
+        code_maker=CODE_MAKER_FILE if encoder.code_maker is not None else None,
         image_roots=roots + [str(root)] * (str(root) not in roots), model_config=model_config(encoder.model)))
 
 

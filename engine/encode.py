@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from engine.record import EngineRecord, code_maker_file, read_record
 from engine.errors import InputError
 from shards.codes import code_bytes
-from training.hashers import FeatureHasher, load_hasher
+from training.hashers import CodeMaker, load_code_maker
 from training.images import BadImage, load_image
 from training.model import HashingNet, load_model, pick_device
 
@@ -84,7 +84,7 @@ class Encoder:
     features when the catalog was built with `--codes lsh|itq|itq-cca|ksh`."""
 
     model: HashingNet
-    hasher: FeatureHasher | None = None
+    code_maker: CodeMaker | None = None
 
     @property
     def input_size(self) -> int:
@@ -92,7 +92,7 @@ class Encoder:
 
     @property
     def bits(self) -> int:
-        return self.hasher.bits if self.hasher is not None else self.model.config.bits
+        return self.code_maker.bits if self.code_maker is not None else self.model.config.bits
 
     @property
     def code_bytes(self) -> int:
@@ -104,14 +104,14 @@ class Encoder:
 
     @property
     def codes(self) -> str:
-        return self.hasher.method if self.hasher is not None else "latent"
+        return self.code_maker.method if self.code_maker is not None else "latent"
 
     @property
     def fingerprint(self) -> str:
         """What a catalog records as the maker of its codes: the model, plus the code maker if any."""
-        if self.hasher is None:
+        if self.code_maker is None:
             return self.model.fingerprint
-        return f"{self.model.fingerprint}+{self.hasher.method}:{self.hasher.fingerprint}"
+        return f"{self.model.fingerprint}+{self.code_maker.method}:{self.code_maker.fingerprint}"
 
     @property
     def device(self) -> torch.device:
@@ -119,7 +119,7 @@ class Encoder:
 
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         codes, features = self.model.encode(images)
-        return (self.hasher.encode(features) if self.hasher is not None else codes), features
+        return (self.code_maker.encode(features) if self.code_maker is not None else codes), features
 
 
 class NoModelRecorded(InputError):
@@ -138,10 +138,10 @@ def load_encoder(catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | 
     return Encoder(load_model(model_dir, device=pick_device(device)), recorded_code_maker(catalog_dir, record))
 
 
-def recorded_code_maker(catalog_dir: str | os.PathLike, record: EngineRecord | None) -> FeatureHasher | None:
+def recorded_code_maker(catalog_dir: str | os.PathLike, record: EngineRecord | None) -> CodeMaker | None:
     """The code maker a catalog keeps (None for the model's own latent codes)."""
     maker = code_maker_file(catalog_dir, record) if record is not None else None
-    return load_hasher(maker) if maker is not None else None
+    return load_code_maker(maker) if maker is not None else None
 
 
 PR_SET_PDEATHSIG = 1

@@ -18,14 +18,14 @@ from engine.metadata import parse_product_metadata
 from shards.errors import CatalogError
 from engine.errors import InputError
 from training.files import atomic_write
-from training.hashers import HASHERS
+from training.hashers import CODE_MAKERS
 
 if TYPE_CHECKING:  # torch: loaded by whoever has a model, not by this module
     from training.model import HashingNet
 
 ENGINE_FILE = "engine.json"
 CODE_MAKER_FILE = "code-maker.safetensors"
-CODES = ("latent", *HASHERS)
+CODES = ("latent", *CODE_MAKERS)
 
 
 @dataclass

@@ -110,7 +110,8 @@ class Service:
         if self.writer is not None:  # holding the writer lock: no add is half done
             remove_orphan_uploads(self.catalog_dir, self.writer)
         # One Faiss thread per search: concurrent requests fill the cores (a second thread never speeds up one
-        # query on these machines, DESIGN.md), and no OpenMP teams are started from many threads at once.
+        # query on these machines: docs/ARCHITECTURE.md, "Facts the design rests on"), and no OpenMP teams are
+        # started from many threads at once.
         self.searcher = Searcher(self.catalog_dir, model_dir, device, threads=1, ray=ray,
                                  shards_per_actor=shards_per_actor)
         if ray is not None and not read_only:  # writes go to the actors that own the items' shards

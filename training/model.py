@@ -48,10 +48,6 @@ class ModelConfig:
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
 
-    @property
-    def code_bytes(self) -> int:
-        return (self.bits + 7) // 8
-
 
 def pick_device(name: str) -> torch.device:
     """auto = CUDA when there is a GPU, else CPU; asking for CUDA without one is the user's error."""

@@ -23,7 +23,7 @@ from engine.record import (CODE_MAKER_FILE, CODES, EngineRecord, display_path, i
 from shards.codes import MAX_BITS
 from shards.index import INDEX_TYPES, describe_index_types
 from training.collapse import SAMPLE as SPREAD_SAMPLE, CodeSpread, code_spread
-from engine.cli import program_name, run_cli
+from engine.cli import bounded_int, program_name, run_cli
 from engine.errors import InputError
 from training.hashers import SUPERVISED, fit_code_maker, save_code_maker
 from training.images import list_images
@@ -132,12 +132,12 @@ def _encoder(model: HashingNet, catalog_dir: Path, record: EngineRecord | None, 
         return Encoder(model, recorded_code_maker(catalog_dir, record))
     if codes in (None, "latent"):
         return Encoder(model)
-    return fit_catalog_code_maker(model, codes, code_bits or model.config.bits, files, root, fit_samples, batch_size, workers,
-                          progress)
+    return fit_catalog_code_maker(model, codes, code_bits or model.config.bits, files, root, fit_samples, batch_size,
+                                  workers, progress)
 
 
 def fit_catalog_code_maker(model: HashingNet, method: str, bits: int, files: list[Path], root: Path, samples: int,
-                   batch_size: int, workers: int | None, progress: bool) -> Encoder:
+                           batch_size: int, workers: int | None, progress: bool) -> Encoder:
     """Fit `method` on the features of up to `samples` images (a seeded random subset; labels from the
     subfolders for the supervised makers)."""
     import torch
@@ -289,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("image_dir", help="directory of images, searched recursively")
     parser.add_argument("--model", required=True, help="model directory written by training.train")
     parser.add_argument("--catalog", required=True, help="catalog directory (created if missing)")
-    parser.add_argument("--shards", type=int, default=4, help="shards of a new catalog (default %(default)s)")
+    parser.add_argument("--shards", type=bounded_int(1), default=4,
+                        help="shards of a new catalog (default %(default)s)")
     parser.add_argument("--index", choices=list(INDEX_TYPES), default="flat",
                         help=f"Faiss index of a new catalog (default %(default)s). {describe_index_types()}")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--batch-size", type=bounded_int(1), default=256)
+    parser.add_argument("--workers", type=bounded_int(0), default=None,
                         help="worker processes; on a CPU each decodes and encodes whole batches on one thread, "
                         "beside a GPU they decode; 0 = one prefetch thread (default: 0 under 512 images, else "
                         "one per core on a CPU, half the cores beside a GPU); with --ray, the actors that "
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codes", choices=CODES, default=None,
                         help="codes of a new catalog: latent = the model's latent layer (default); lsh/itq "
                         "hash the model's features with no labels, itq-cca/ksh with the subfolder labels")
-    parser.add_argument("--code-bits", type=int, help="code length for --codes other than latent "
+    parser.add_argument("--code-bits", type=bounded_int(1), help="code length for --codes other than latent "
                         "(default: the model's bits)")
     parser.add_argument("--metadata", metavar="ITEMS.jsonl",
                         help="product metadata: one JSON object per line with a \"path\" relative to IMAGE_DIR "
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode and encode on Ray: local (a private instance on this machine), auto or "
                         "HOST:PORT (a running cluster; the images must be at the same path on every node). "
                         "Needs pip install 'latenthash[ray]'")
-    parser.add_argument("--fit-samples", type=int, default=20000,
+    parser.add_argument("--fit-samples", type=bounded_int(1), default=20000,
                         help="images the code maker is fitted on (default %(default)s)")
     args = parser.parse_args(argv)
 

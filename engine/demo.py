@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.build_index import build_index
-from engine.cli import program_name, run_cli
+from engine.cli import bounded_int, program_name, run_cli
 from engine.errors import InputError
 from engine.query import format_table
 from engine.synthetic import CLASSES, make_image_folder
@@ -109,14 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="latenthash-demo",
                         help="folder for the images, model, catalog and results page: new, empty, or one an earlier "
                         "demo made (which is replaced); any other folder is refused (default %(default)s)")
-    parser.add_argument("--per-class", type=int, default=300,
+    parser.add_argument("--per-class", type=bounded_int(1), default=300,
                         help="catalog images drawn per class, ten classes; the model trains on them "
                         "(default %(default)s)")
-    parser.add_argument("--queries-per-class", type=int, default=10,
+    parser.add_argument("--queries-per-class", type=bounded_int(1), default=10,
                         help="held-out query images per class, never trained on nor indexed (default %(default)s)")
     parser.add_argument("--epochs", type=float, default=6,
                         help="training passes over the catalog images (default %(default)s)")
-    parser.add_argument("--bits", type=int, default=48, help="code length of the model (default %(default)s)")
+    parser.add_argument("--bits", type=bounded_int(1), default=48,
+                        help="code length of the model (default %(default)s)")
     parser.add_argument("--backbone", default="cifar_convnet_small",
                         help="timm model name of the backbone (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0,

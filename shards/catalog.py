@@ -253,6 +253,7 @@ class Catalog(ShardSet, CatalogReader):
             order = choose(hits.ids, squared, k)
             if not np.isfinite(squared).all():
                 self._rows.check(hits.ids, rows)  # names the damaged item
+                self._rows.check_finite(hits.ids, rows)
             self._rows.check(hits.ids[order], rows[order])  # what is returned is checked: ~1 us per result
             results.append(Hits(hits.ids[order], hits.hamming[order], squared[order]))
         return results

@@ -43,8 +43,9 @@ class FeatureRows:
         faiss.copy_array_to_vector(rows.reshape(-1), index.codes)
         index.ntotal = len(rows)
         distances, positions = index.search(query[None], len(rows))
-        squared = np.empty(len(rows), np.float32)
-        squared[positions[0]] = distances[0]
+        squared = np.full(len(rows), np.inf, np.float32)  # a row Faiss leaves unplaced (not finite) is no match
+        placed = positions[0] >= 0
+        squared[positions[0][placed]] = distances[0][placed]
         return squared
 
     def rows(self, ids: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
@@ -91,6 +92,14 @@ class FeatureRows:
             shard = next(s for s in self.store.shards if s.number == int(bad[0]) % self.store.manifest.shard_count)
             raise DamagedError(f"{shard.data_file}: items {bad[:10].tolist()} are damaged (checksum mismatch); "
                                "engine.verify names every damaged item and repairs the catalog")
+
+    def check_finite(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Raise if a stored feature row is not finite (an older version stored float16 overflow as inf, under a
+        valid checksum): ranking it would put garbage among the results."""
+        bad = ids[~np.isfinite(self.decode(rows, len(ids))).all(axis=1)]
+        if len(bad):
+            raise DamagedError(f"{self.store.path}: items {bad[:10].tolist()} have features that are not finite; "
+                               "engine.verify names every such item and a repair deletes them")
 
     def read(self, ids: np.ndarray) -> np.ndarray:
         """float32 features of the given (checked) ids, checked against their checksums."""

@@ -370,3 +370,19 @@ def test_verify_reports_stored_metadata_that_would_break_searches_and_keeps_the_
         assert f"item {ids[4]}" in result.stdout + result.stderr and f"item {ids[9]}" not in result.stdout
     with Catalog.open(tmp_path / "c") as catalog:
         assert len(catalog) == 30  # the user's data: reported, never deleted
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_stored_non_finite_feature_row_is_refused_not_ranked(tmp_path, value):
+    ids, codes, features, metas = items(300)
+    with Catalog.create(tmp_path / "c", BITS, DIM, shards=2) as catalog:
+        catalog.add(ids, codes, features, metas)
+    bad = int(ids[-1]) + 7
+    with Catalog.open(tmp_path / "c", readonly=False) as writer:  # as a version before the float16 check stored it
+        writer.shards[bad % 2].add(np.array([bad]), codes[42:43], np.full((1, DIM), value, np.float16), None)
+    with Catalog.open(tmp_path / "c") as catalog:
+        with pytest.raises(DamagedError, match=rf"items \[{bad}\] have features that are not finite"):
+            catalog.search(codes[42:43], features[42:43], k=3)
+        clean = catalog.search(codes[7:8], features[7:8], k=3, pool=3)  # a pool without it is answered
+        assert np.isfinite(clean[0].distances).all()
+    assert any(place_id == bad for _, place_id, _ in findings(tmp_path / "c"))

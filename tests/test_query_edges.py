@@ -82,3 +82,18 @@ def test_searcher_searches_through_the_catalogs_one_two_stage_search(tmp_path):
         assert all(len(results) == 3 and all(r.label == "1" for r in results) for results in found)
         assert all(r.distance is None for r in searcher.search_codes(codes[:1], features[:1], k=3, rerank=False)[0])
         assert len(calls) == 1
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("engine.build_index", ["IMAGES", "--model", "M", "--catalog", "C", "--workers", "-1"],
+     "argument --workers: must be at least 0, got -1"),
+    ("engine.build_index", ["IMAGES", "--model", "M", "--catalog", "C", "--shards", "0"],
+     "argument --shards: must be at least 1, got 0"),
+    ("engine.demo", ["--per-class", "0"], "argument --per-class: must be at least 1, got 0"),
+])
+def test_other_commands_refuse_bad_numbers_in_one_line_and_leave_nothing(module, args, message, tmp_path, cli_env):
+    args = [str(tmp_path / "C") if a == "C" else str(tmp_path) if a == "IMAGES" else a for a in args]
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=cli_env,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "C").exists()

@@ -307,6 +307,18 @@ def test_a_full_disk_answers_507_and_leaves_nothing_behind(writable, photo, monk
         assert answer.status_code == 507 and "the disk is full" in answer.json()["error"], answer.text
         assert uploads(writable) == [] and client.get("/healthz").json()["items"] == 240
 
+        def short_write(*args, **kwargs):  # the photo fitted, LMDB's commit did not: it says EIO, not ENOSPC
+            try:
+                raise lmdb.Error("mdb_txn_commit: Input/output error")
+            except lmdb.Error as error:
+                raise CatalogError("shard-0000/data.mdb: write failed (mdb_txn_commit: Input/output error); is "
+                                   "the disk full?") from error
+
+        monkeypatch.setattr(service.writer, "add", short_write)
+        answer = add(client, photo)
+        assert answer.status_code == 507 and "input/output error" in answer.json()["error"], answer.text
+        assert uploads(writable) == [] and client.get("/healthz").json()["items"] == 240
+
 
 # ---------------------------------------------------------------- request bodies (item 3)
 

@@ -26,7 +26,7 @@ from shards.filters import Filter, stored_label
 from training.cli import STORAGE_ERRORS
 from training.images import MAX_PIXELS
 
-FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # LMDB reports a short write to a full disk as EIO
 
 
 class ItemExists(EngineError):
@@ -243,5 +243,7 @@ def storage_failure(problem: BaseException) -> str | None:
             return "the disk is full"
         if isinstance(problem, lmdb.MapFullError):
             return "the catalog's file is full and could not grow"
+        if isinstance(problem, lmdb.Error) and os.strerror(errno.EIO) in str(problem):  # LMDB names no errno
+            return "an input/output error writing the catalog (a full disk or a failing device)"
         problem = problem.__cause__ or problem.__context__
     return None

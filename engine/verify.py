@@ -22,7 +22,7 @@ import numpy as np
 
 from engine.uploads import UPLOADS, orphan_uploads, remove_uploads
 from engine.cli import program_name, run_cli
-from shards.errors import CatalogError
+from shards.errors import CatalogError, DamagedError
 
 
 @dataclass
@@ -91,12 +91,15 @@ def _product_findings(catalog) -> list[Finding]:
     from engine.metadata import check_product_metadata
 
     findings = []
-    for item, meta in catalog.metadata_items():
-        try:
-            check_product_metadata((meta or {}).get("metadata"))
-        except InputError as error:
-            findings.append(Finding("metadata", item, f"{error}: delete the item and add it again with valid "
-                                                      "metadata"))
+    try:
+        for item, meta in catalog.metadata_items():
+            try:
+                check_product_metadata((meta or {}).get("metadata"))
+            except InputError as error:
+                findings.append(Finding("metadata", item, f"{error}: delete the item and add it again with valid "
+                                                          "metadata"))
+    except DamagedError:  # a record that does not decode: the item checks above list it as damage
+        pass
     return findings
 
 

@@ -32,7 +32,8 @@ def test_bad_arguments_fail_in_one_line_before_torch_loads(args, message, tmp_pa
 
 
 def test_radius_past_the_code_length_is_refused(shop, cli_env):
-    some = next(iter(Searcher(shop).catalog)).id
+    with Searcher(shop) as searcher:  # closed: a catalog left open read-only here would refuse later writers
+        some = next(iter(searcher.catalog)).id
     result = subprocess.run([sys.executable, "-m", "engine.query", "--catalog", str(shop), "--id", str(some),
                              "--radius", "17"], capture_output=True, text=True, env=cli_env, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -45,6 +45,7 @@ import numpy as np
 import common  # noqa: F401  (puts the project on sys.path)
 from common import machine
 from serve_load import multipart
+from tests.damage import put_info
 
 COLUMNS = ("lost", "unopenable", "tracebacks", "wrong", "5xx")
 TOKEN = "s3cret"
@@ -875,18 +876,6 @@ def hole_missing_data(ctx: Context, tally: Tally, trials: int) -> None:
 
 
 # --------------------------------------------------------------------------------- 11: damaged bookkeeping
-def put_info(shard: Path, key: bytes, value: bytes) -> None:
-    """Change one record of a shard's info database with LMDB itself (no catalog open)."""
-    import lmdb
-
-    env = lmdb.open(str(shard), max_dbs=4)
-    try:
-        with env.begin(write=True) as txn:
-            txn.put(key, value, db=env.open_db(b"info", txn=txn))
-    finally:
-        env.close()
-
-
 def hole_bookkeeping(ctx: Context, tally: Tally, trials: int) -> None:
     """A shard's counters, its stored index's checksum or add.journal damaged: refused (counters) or worked
     around (index, journal) with the right answers, reported by verify, repaired without losing an item."""

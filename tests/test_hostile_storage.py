@@ -19,6 +19,7 @@ from engine.verify import verify_catalog
 from shards import Catalog, CatalogError
 from shards.catalog import JOURNAL
 from shards.errors import DamagedError
+from tests.damage import put_info
 from tests.test_reliability import BITS, DIM, cli, edit_manifest, items, make_catalog, one_line_error, write_h5
 from engine.errors import InputError as UserError
 
@@ -177,16 +178,6 @@ def test_a_missing_shard_file_is_refused_and_repair_reports_the_loss(tmp_path, c
 
 
 # ---------------------------------------------------------------------------------- damaged bookkeeping (item 11)
-def put_info(shard_folder: Path, key: bytes, value: bytes) -> None:
-    """Change one record of a shard's info database with LMDB itself (no catalog open)."""
-    env = lmdb.open(str(shard_folder), max_dbs=4)
-    try:
-        with env.begin(write=True) as txn:
-            txn.put(key, value, db=env.open_db(b"info", txn=txn))
-    finally:
-        env.close()
-
-
 @pytest.mark.parametrize("key, value, message", [
     (b"generation", b"1x", r"stored generation b'1x' is not a whole number"),
     (b"blocks", b"99999999999", r"stored blocks 99999999999 does not match its feature blocks \(1\)"),

@@ -129,7 +129,7 @@ def test_usage_names_the_program_that_was_run(cli_env, tmp_path, built_model_pai
     assert result.returncode == 2 and "a folder; give image files" in result.stderr
     result = cli("engine.build_index", [tmp_path, "--model", "m", "--catalog", tmp_path / "c", "--shards", "0"],
                  cli_env)
-    assert result.returncode == 2 and "shards must be at least 1, got 0" in result.stderr
+    assert result.returncode == 2 and "argument --shards: must be at least 1, got 0" in result.stderr
 
 
 def test_class_names_for_mnist_format_data(tmp_path):

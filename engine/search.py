@@ -96,7 +96,7 @@ class Searcher:
         folders = [str(p) for p in paths if p.is_dir()]
         if folders:
             raise InputError(f"{', '.join(folders)}: a folder; give image files to query with (build-index "
-                            "indexes folders)")
+                             "indexes folders)")
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
             raise InputError(f"query image not found: {', '.join(missing)}")

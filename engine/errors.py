@@ -14,5 +14,9 @@ class InputError(EngineError, ValueError):
     A ValueError, so that `except ValueError` catches every layer's bad input."""
 
 
+class BadCropBox(InputError):
+    """A crop box that reaches outside its image (the service answers 422, like any other bad parameter)."""
+
+
 # What the command lines print as `error: ...` and the service answers as a client or catalog problem
 USER_ERRORS: tuple[type[Exception], ...] = (EngineError, TrainingError, CatalogError)

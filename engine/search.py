@@ -15,8 +15,8 @@ from engine.record import item_id, read_record
 from shards import Catalog, CatalogError, CatalogReader, Hits, StageTimings
 from shards.filters import Filter, stored_label
 from shards.ranking import pool_size
-from engine.errors import InputError
-from training.images import MAX_PIXELS, BadImage, load_image, load_image_bytes
+from engine.errors import BadCropBox, InputError
+from training.images import MAX_PIXELS, BadCrop, BadImage, CropBox, load_image, load_image_bytes
 
 
 @dataclass
@@ -115,13 +115,15 @@ class Searcher:
                 [lambda path=paths[row]: load_image(path, size) for row in fresh], "cannot read query image")
         return codes, features
 
-    def encode_bytes(self, images: Sequence[bytes], max_pixels: int = MAX_PIXELS,
-                     timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode_bytes(self, images: Sequence[bytes], max_pixels: int = MAX_PIXELS, timings: Timings | None = None,
+                     crops: Sequence[CropBox | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Codes and features of image files' bytes (uploads), each decoded only if at most `max_pixels`;
-        InputError for anything unusable. `timings`: where to add the seconds (default: this searcher's totals)."""
+        InputError for anything unusable (BadCropBox for a crop outside its image). `timings`: where to add the
+        seconds (default: this searcher's totals); `crops`: a region of each image to search with (None: all)."""
         size = self.encoder.input_size
-        return self._decode_and_encode([lambda data=data: load_image_bytes(data, size, max_pixels) for data in images],
-                                       "not a usable image", timings)
+        crops = crops if crops is not None else [None] * len(images)
+        return self._decode_and_encode([lambda data=data, crop=crop: load_image_bytes(data, size, max_pixels, crop)
+                                        for data, crop in zip(images, crops)], "not a usable image", timings)
 
     def _decode_and_encode(self, loaders: Sequence[Callable[[], torch.Tensor]], problem: str,
                            timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +133,8 @@ class Searcher:
         start = time.perf_counter()
         try:
             batch = torch.stack([load() for load in loaders])
+        except BadCrop as error:
+            raise BadCropBox(str(error)) from error
         except BadImage as error:
             raise InputError(f"{problem}: {error}") from error
         decoded = time.perf_counter()

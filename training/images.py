@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import stat
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from typing import TYPE_CHECKING, BinaryIO, Iterator
@@ -30,10 +32,42 @@ STRIP_PIXELS = 1 << 20  # pixels converted at a time while reducing a large imag
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that shows the image upright
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})  # orientations whose upright image is the stored one turned a quarter
 
 
 class BadImage(Exception):
     """A file that cannot be used as an image (empty, truncated, not an image, too large, unreadable)."""
+
+
+class BadCrop(BadImage):
+    """A crop box that is empty or reaches outside the image."""
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A region of an image, in pixels of the upright image (EXIF orientation applied, as a browser shows it)."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+    @classmethod
+    def parse(cls, text: str) -> "CropBox":
+        """`x,y,w,h` (ValueError, worded, for anything else: four integers, x and y >= 0, w and h >= 1)."""
+        parts = text.split(",")
+        try:
+            x, y, width, height = (int(part) for part in parts)
+        except ValueError:
+            raise ValueError(f"crop must be x,y,w,h (four integers), not {text!r}") from None
+        if x < 0 or y < 0 or width < 1 or height < 1:
+            raise ValueError(f"crop {text}: x and y must be >= 0, w and h >= 1")
+        return cls(x, y, width, height)
+
+    def check_inside(self, width: int, height: int) -> None:
+        if self.x + self.width > width or self.y + self.height > height:
+            raise BadCrop(f"crop {self.x},{self.y},{self.width},{self.height} reaches outside the "
+                          f"{width}x{height} image")
 
 
 class PixelBudget:
@@ -75,23 +109,26 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return found
 
 
-def load_image(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """uint8 tensor (3, size, size): first frame, EXIF orientation applied, RGB, shorter side resized to
-    `size` and centre-cropped. Raises BadImage for anything unusable, or over `max_pixels` decoded pixels."""
+def load_image(path: str | os.PathLike, size: int, max_pixels: int = MAX_PIXELS,
+               crop: CropBox | None = None) -> torch.Tensor:
+    """uint8 tensor (3, size, size): first frame, EXIF orientation applied, RGB, `crop` taken (the whole image
+    without one), shorter side resized to `size` and centre-cropped. Raises BadImage for anything unusable, or over
+    `max_pixels` decoded pixels; BadCrop for a box outside the image."""
     try:
         file = _open_regular_file(path)
     except OSError as error:
         raise BadImage(f"{type(error).__name__}: {error}") from error
     with file:
-        return _decode(file, size, max_pixels)
+        return _decode(file, size, max_pixels, crop)
 
 
-def load_image_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS) -> "torch.Tensor":
+def load_image_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS,
+                     crop: CropBox | None = None) -> "torch.Tensor":
     """`load_image` for an image file's bytes (an upload)."""
-    return _decode(io.BytesIO(data), size, max_pixels)
+    return _decode(io.BytesIO(data), size, max_pixels, crop)
 
 
-def _decode(file: BinaryIO, size: int, max_pixels: int) -> "torch.Tensor":
+def _decode(file: BinaryIO, size: int, max_pixels: int, crop: CropBox | None = None) -> "torch.Tensor":
     import torch  # here, not at the top: listing images (build-index --help) needs no torch
 
     try:
@@ -99,12 +136,16 @@ def _decode(file: BinaryIO, size: int, max_pixels: int) -> "torch.Tensor":
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `max_pixels` decides, below
             with contextlib.closing(Image.open(file)) as image:  # closing frees the decoded pixels
                 image.seek(0)
-                image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale (down to 1/8)
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                upright = image.size[::-1] if orientation in _SWAPS_SIDES else image.size
+                if crop is not None:
+                    crop.check_inside(*upright)
+                image.draft("RGB", _draft_request(image.size, size, crop))  # JPEG: down to 1/8 scale
                 decoded = image.width * image.height
                 if decoded > max_pixels:
                     raise BadImage(f"{image.width}x{image.height} pixels to decode, over the limit of {max_pixels}")
                 with DECODING.taking(decoded):
-                    pixels = _model_input(image, size)
+                    pixels = _model_input(image, size, orientation, upright, crop)
     except BadImage:
         raise
     except UnidentifiedImageError as error:
@@ -114,15 +155,32 @@ def _decode(file: BinaryIO, size: int, max_pixels: int) -> "torch.Tensor":
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def _model_input(image: Image.Image, size: int) -> np.ndarray:
+def _draft_request(stored: tuple[int, int], size: int, crop: CropBox | None) -> tuple[int, int]:
+    """The size to ask a JPEG's draft for: one whose scale keeps the region used (the crop, else the whole
+    image) at least `size` pixels on its shorter side."""
+    if crop is None:
+        return size, size
+    scale = size / min(crop.width, crop.height)
+    return min(stored[0], math.ceil(stored[0] * scale)), min(stored[1], math.ceil(stored[1] * scale))
+
+
+def _model_input(image: Image.Image, size: int, orientation: int = 1, upright: tuple[int, int] | None = None,
+                 crop: CropBox | None = None) -> np.ndarray:
     """(size, size, 3) uint8 pixels of an opened image. Orientation and colour conversion commute, so an image
     that needs no reduction comes out exactly as transposed-then-converted."""
     image.load()
-    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-    factor = min(image.size) // (size * REDUCING_GAP)
+    upright = upright or image.size
+    shrink = image.width / (upright[1] if orientation in _SWAPS_SIDES else upright[0])  # the draft's scale
+    used = min(crop.width, crop.height) * shrink if crop is not None else min(image.size)
+    factor = int(used // (size * REDUCING_GAP))
     rgb = _reduced_rgb(image, factor) if factor >= 2 else _to_rgb(image)
     if orientation in _TRANSPOSE:
         rgb = rgb.transpose(_TRANSPOSE[orientation])
+    if crop is not None:  # in the upright image's pixels, scaled to what was decoded and reduced
+        across, down = rgb.width / upright[0], rgb.height / upright[1]
+        rgb = rgb.crop((round(crop.x * across), round(crop.y * down),
+                        max(round(crop.x * across) + 1, round((crop.x + crop.width) * across)),
+                        max(round(crop.y * down) + 1, round((crop.y + crop.height) * down))))
     if rgb.size != (size, size):
         rgb = ImageOps.fit(rgb, (size, size), Image.Resampling.BILINEAR)
     return np.array(rgb, dtype=np.uint8)

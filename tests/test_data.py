@@ -9,7 +9,7 @@ from engine.synthetic import make_image_folder
 from tests.conftest import SHARED_DATA
 from training.data import detect_format, load_dataset
 from training.errors import UserError
-from training.images import BadImage, load_image
+from training.images import BadCrop, BadImage, CropBox, load_image
 
 
 def write_cifar10(root, n_train=20, n_test=10):
@@ -81,6 +81,33 @@ def test_image_modes_and_exif_are_normalised(tmp_path):
         tensor = load_image(tmp_path / f"{name}.{ {'a': 'png', 'd': 'gif'}.get(name, 'jpg') }", 16)
         assert tensor.shape == (3, 16, 16)
     assert load_image(tmp_path / "a.png", 16).min() == 255  # transparent -> white
+
+
+@pytest.mark.parametrize("suffix", ["png", "jpg"])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_crop_box_takes_its_region_of_the_upright_image(tmp_path, suffix, orientation):
+    """A red square on black, 2400x1600 (a JPEG decodes it at a reduced scale): the box around the square gives a
+    red input, the whole image a mostly black one; with EXIF orientation 6 the box is in the turned image's pixels."""
+    pixels = np.zeros((1600, 2400, 3), np.uint8)
+    pixels[200:600, 1600:2000] = (255, 0, 0)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / f"scene.{suffix}", exif=exif)
+    box = CropBox(1600, 200, 400, 400) if orientation == 1 else CropBox(1000, 1600, 400, 400)  # 90 degrees clockwise
+    red = load_image(tmp_path / f"scene.{suffix}", 32, crop=box).float().mean((1, 2))
+    assert red[0] > 240 and red[1] < 10 and red[2] < 10
+    assert load_image(tmp_path / f"scene.{suffix}", 32).float().mean() < 30
+    with pytest.raises(BadCrop, match="outside the"):
+        load_image(tmp_path / f"scene.{suffix}", 32, crop=CropBox(2300, 0, 200, 10) if orientation == 1
+                   else CropBox(1500, 0, 200, 10))
+
+
+@pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", "0,0,0,5", "-1,0,4,4", "1,2,3,4,5"])
+def test_a_crop_box_must_be_four_integers_inside_bounds(text):
+    with pytest.raises(ValueError, match="crop"):
+        CropBox.parse(text)
+    assert CropBox.parse("0,0,1,1") == CropBox(0, 0, 1, 1)
 
 
 def test_decompression_bomb_is_refused(tmp_path):

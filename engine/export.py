@@ -175,10 +175,10 @@ def _check_import(f: h5py.File, file: Path, catalog_dir: Path, max_items: int,
     for name in ("paths", "metadata"):
         if data[name] is not None and (data[name].shape != (n,) or h5py.check_string_dtype(data[name].dtype) is None):
             raise InputError(f"{file}: {name} must be {n} strings")
-    _check_room(file, catalog_dir, n, bits, features.shape[1])
-    for name, dataset in data.items():
+    for name, dataset in data.items():  # what the file is comes before what the disk can hold
         if dataset is not None:
             _check_stored(dataset, name, file)
+    _check_room(file, catalog_dir, n, bits, features.shape[1])
     ids = data["ids"][:]
     if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(np.int64).max):
         raise InputError(f"{file}: ids must be non-negative 64-bit integers")

@@ -25,6 +25,9 @@ from shards.index import INDEX_TYPES, describe_index_types
 from training.collapse import SAMPLE as SPREAD_SAMPLE, CodeSpread, code_spread
 from engine.cli import bounded_int, program_name, run_cli
 from engine.errors import InputError
+from engine.inference import PATH_CHOICES, PATHS
+from engine.fetch import (FetchPolicy, FetchReport, add_fetch_flags, add_url_sources, describe_fetching,
+                          fetch_photos, fetch_policy, fetched_folder)
 from training.hashers import SUPERVISED, fit_code_maker, save_code_maker
 from training.images import list_images
 
@@ -50,19 +53,25 @@ class BuildSummary:
     steady_images_per_second: float = 0.0  # after the first batch: the pipeline's rate, start-up excluded
     failures: list[dict] = field(default_factory=list)
     metadata_unmatched: list[dict] = field(default_factory=list)  # --metadata lines with no usable image
+    fetched: dict | None = None  # image_url rows: engine.fetch.FetchReport.counts() (failures are in `failures`)
     codes: dict | None = None  # training.collapse.CodeSpread of the images indexed by this run
+    inference_path: str = "eager"  # how the backbone ran (engine/inference.py)
 
 
 def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, catalog_dir: str | os.PathLike,
                 shards: int = 4, index: str = "flat", batch_size: int = 256, workers: int | None = None,
                 device: str = "auto", prune: bool = False, progress: bool = True, codes: str | None = None,
                 code_bits: int | None = None, fit_samples: int = 20000,
-                metadata: str | os.PathLike | None = None, ray: str | None = None) -> BuildSummary:
+                metadata: str | os.PathLike | None = None, ray: str | None = None,
+                fetch: FetchPolicy = FetchPolicy(), inference_path: str = "auto") -> BuildSummary:
     """Index (or update) a catalog. `codes` = latent (the model's codes) or a code maker of training.hashers,
     fitted on the model's features of a new catalog and kept with it; an existing catalog keeps its own.
-    `metadata`: a JSON-lines file of product metadata, one object per image with its `path` under `image_dir`;
+    `metadata`: a JSON-lines file of product metadata, one object per image with its `path` under `image_dir`
+    or its `image_url` (fetched as `fetch` says, kept in the catalog folder: a re-run fetches only new URLs);
     an item whose metadata changed is indexed again. `ray`: a Ray address (`local`, `auto`, HOST:PORT) whose
-    actors decode and encode (`workers` of them; default one per GPU, else per CPU) while this process commits."""
+    actors decode and encode (`workers` of them; default one per GPU, else per CPU) while this process commits.
+    `inference_path`: how the backbone runs (engine/inference.py; `auto` = the measured best here); a catalog
+    keeps the path its codes were made by."""
     started = time.perf_counter()
     root = Path(image_dir).resolve()
     _check_arguments(image_dir, model_dir, shards, batch_size, fit_samples, codes, code_bits)
@@ -73,33 +82,49 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     from shards import catalog_exists, open_or_create
     from training.model import load_model, pick_device
 
-    listed = list_images(root)
-    if not listed:
-        raise InputError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}")
-    files, stats, bad_entries = _regular_files(listed)
-    products, unmatched = read_metadata_file(metadata, root) if metadata is not None else ({}, [])
     catalog_dir = Path(catalog_dir)
+    listed, products, unmatched, photos = _images(image_dir, root, metadata, catalog_dir, fetch, progress)
+    files, stats, bad_entries = _regular_files(listed)
     record = read_record(catalog_dir) if catalog_exists(catalog_dir) else None
     # With Ray the actors take the model to their own devices; this process only commits.
     model = load_model(model_dir, device=pick_device("cpu" if ray is not None else device))
     encoder = _encoder(model, catalog_dir, record, codes, code_bits, files, root, fit_samples, batch_size, workers,
-                       progress)
-    summary = BuildSummary(found=len(listed), failures=bad_entries, metadata_unmatched=unmatched)
+                       progress).using(_inference_path(catalog_dir, record, inference_path, device))
+    summary = BuildSummary(inference_path=encoder.inference.name, found=len(listed) + len(photos.failures),
+                           failures=bad_entries + photos.failures,
+                           metadata_unmatched=unmatched, fetched=photos.counts() if photos.urls else None)
     with open_or_create(catalog_dir, encoder.bits, encoder.feature_dim, shards, index,
                         model_fingerprint=encoder.fingerprint) as catalog:
-        _record_encoder(catalog_dir, record, encoder, model_dir, root)
+        _record_encoder(catalog_dir, record, encoder, model_dir, [root] + [photos.folder] * bool(photos.urls))
         ids = np.array([item_id(f) for f in files], dtype=np.int64)
         todo = _todo(catalog, ids, files, stats, products, summary)
         if prune:
-            summary.pruned = _prune(catalog, root, set(ids.tolist()))
+            summary.pruned = _prune(catalog, root, set(ids.tolist()), photos.folder if metadata is not None else None)
         new_codes, new_labels = _index(catalog, encoder, ids, files, stats, products, todo, root, batch_size,
                                        workers, ray, progress, summary)
+    add_url_sources(summary.failures, products)
     summary.failed = len(summary.failures)
     if new_codes:
         summary.codes = asdict(code_spread(np.concatenate(new_codes), encoder.bits, new_labels))
     summary.seconds = round(time.perf_counter() - started, 2)
     (catalog_dir / REPORT_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     return summary
+
+
+def _images(image_dir: str | os.PathLike, root: Path, metadata: str | os.PathLike | None, catalog_dir: Path,
+            fetch: FetchPolicy, progress: bool) -> tuple[list[Path], dict[Path, dict], list[dict], FetchReport]:
+    """The image files to index (those under the image folder, then the photos of the metadata's `image_url`
+    rows, fetched now or kept from an earlier run), the product metadata by file, the unusable metadata lines,
+    and what fetching did."""
+    folder = fetched_folder(catalog_dir)
+    products, unmatched = read_metadata_file(metadata, root, folder) if metadata is not None else ({}, [])
+    urls = {file: row["image_url"] for file, row in products.items() if file.parent == folder}
+    listed = list_images(root)
+    if not listed and not urls:
+        raise InputError(f"no images (jpg, png, webp, bmp, tiff, gif) under {image_dir}"
+                         + (" and no image_url rows in the metadata" if metadata is not None else ""))
+    photos = fetch_photos(folder, urls, fetch, progress)
+    return listed + photos.files, products, unmatched, photos
 
 
 def _check_arguments(image_dir: str | os.PathLike, model_dir: str | os.PathLike, shards: int, batch_size: int,
@@ -163,17 +188,36 @@ def fit_catalog_code_maker(model: HashingNet, method: str, bits: int, files: lis
     return Encoder(model, fit_code_maker(method, np.concatenate(features), bits, label_ids))
 
 
+def _inference_path(catalog_dir: Path, record: EngineRecord | None, asked: str, device: str) -> str:
+    """The path to encode with: `asked` for a new catalog; the recorded one for an existing catalog, whose codes
+    must all come from one path, so another path asked for, or the recorded one unable to run here, is refused."""
+    if asked not in PATH_CHOICES:
+        raise InputError(f"inference path must be one of {', '.join(PATH_CHOICES)}, not '{asked}'")
+    if record is None:
+        return asked
+    recorded = record.inference_path
+    if asked not in ("auto", recorded):
+        raise InputError(f"catalog {catalog_dir} holds codes made by inference path {recorded}; it cannot take "
+                         f"codes made by {asked} (index into a new catalog to change paths)")
+    reason = PATHS[recorded].unavailable("cuda" if device == "cuda" else "cpu")
+    if reason is not None:
+        raise InputError(f"catalog {catalog_dir} holds codes made by inference path {recorded}, which cannot run "
+                         f"here: {reason}")
+    return recorded
+
+
 def _record_encoder(catalog_dir: Path, record: EngineRecord | None, encoder: Encoder, model_dir: str | os.PathLike,
-                    root: Path) -> None:
+                    folders: list[Path]) -> None:
     """Keep the code maker (a new one: fitted for this catalog) and engine.json: which model and code maker made
-    the codes, and the image folders whose images items may show, this one added."""
+    the codes, and the image folders whose images items may show, these `folders` added."""
     if encoder.code_maker is not None and record is None:
         save_code_maker(encoder.code_maker, catalog_dir / CODE_MAKER_FILE)
     roots = record.image_roots if record is not None else []
     write_record(catalog_dir, EngineRecord(
         model_dir=str(Path(model_dir).resolve()), model_fingerprint=encoder.model.fingerprint, codes=encoder.codes,
         code_maker=CODE_MAKER_FILE if encoder.code_maker is not None else None,
-        image_roots=roots + [str(root)] * (str(root) not in roots), model_config=model_config(encoder.model)))
+        image_roots=roots + [str(f) for f in folders if str(f) not in roots], model_config=model_config(encoder.model),
+        inference_path=encoder.inference.name))
 
 
 def _todo(catalog: Catalog, ids: np.ndarray, files: list[Path], stats: list[os.stat_result],
@@ -266,11 +310,19 @@ def _regular_files(files: list[Path]) -> tuple[list[Path], list[os.stat_result],
     return kept, stats, failures
 
 
-def _prune(catalog: Catalog, root: Path, present: set[int]) -> int:
-    """Delete items under `root` whose files no longer exist."""
-    gone = [item.id for item in catalog if item.id not in present and item.meta
-            and Path(item.meta.get("path", "")).is_relative_to(root) and not Path(item.meta["path"]).exists()]
-    return catalog.delete(np.array(gone, dtype=np.int64)) if gone else 0
+def _prune(catalog: Catalog, root: Path, present: set[int], fetched: Path | None = None) -> int:
+    """Delete items under `root` whose files no longer exist and, given `fetched` (the folder of photos by URL),
+    the items of URLs the metadata no longer lists, with their photos."""
+    absent = [(item.id, Path(item.meta.get("path", ""))) for item in catalog if item.id not in present and item.meta]
+    gone = [(item, path) for item, path in absent
+            if path.is_relative_to(root) and not path.exists() or fetched is not None and path.parent == fetched]
+    if not gone:
+        return 0
+    pruned = catalog.delete(np.array([item for item, _ in gone], dtype=np.int64))
+    for _, path in gone:
+        if path.parent == fetched:
+            path.unlink(missing_ok=True)
+    return pruned
 
 
 EXAMPLES = """examples:
@@ -278,7 +330,9 @@ EXAMPLES = """examples:
   build-index photos/ --model models/shop48 --catalog catalogs/shop --shards 8 --workers 4 --prune
   build-index photos/ --model models/shop48 --catalog catalogs/shop-itq --codes itq --code-bits 64
   build-index photos/ --model models/shop48 --catalog catalogs/shop --metadata products.jsonl
+  build-index empty/ --model models/shop48 --catalog catalogs/shop --metadata urls.jsonl --fetch-connections 16
   build-index /mnt/shared/photos --model models/shop48 --catalog catalogs/shop --ray auto
+  build-index photos/ --model models/shop48 --catalog catalogs/shop-eager --inference-path eager
   python -m engine.build_index ../shared/data/cifar10-sample-png --model models/cifar48 --catalog /tmp/cat
 """
 
@@ -308,24 +362,35 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the model's bits)")
     parser.add_argument("--metadata", metavar="ITEMS.jsonl",
                         help="product metadata: one JSON object per line with a \"path\" relative to IMAGE_DIR "
-                        "(SKU, title, price, ...); kept with each item, returned in results, filterable")
+                        "or an \"image_url\" (http or https; fetched into the catalog folder, once) (SKU, title, "
+                        "price, ...); kept with each item, returned in results, filterable")
+    add_fetch_flags(parser)
     parser.add_argument("--ray", metavar="ADDRESS",
                         help="decode and encode on Ray: local (a private instance on this machine), auto or "
                         "HOST:PORT (a running cluster; the images must be at the same path on every node). "
                         "Needs pip install 'latenthash[ray]'")
     parser.add_argument("--fit-samples", type=bounded_int(1), default=20000,
                         help="images the code maker is fitted on (default %(default)s)")
+    parser.add_argument("--inference-path", choices=PATH_CHOICES, default="auto",
+                        help="how the backbone runs for a new catalog: auto = the path measured fastest on this "
+                        "host and backbone family with the same answers (benchmarks/RESULTS.md), else eager; "
+                        "an existing catalog keeps its own (default %(default)s)")
     args = parser.parse_args(argv)
 
     def body() -> int:
         summary = build_index(args.image_dir, args.model, args.catalog, args.shards, args.index, args.batch_size,
                               args.workers, args.device, args.prune, codes=args.codes, code_bits=args.code_bits,
-                              fit_samples=args.fit_samples, metadata=args.metadata, ray=args.ray)
+                              fit_samples=args.fit_samples, metadata=args.metadata, ray=args.ray,
+                              fetch=fetch_policy(args),
+                              inference_path=args.inference_path)
         spread = CodeSpread(**summary.codes) if summary.codes is not None else None
         distinct = f"; {spread.distinct} distinct codes among {spread.images} new" if spread is not None else ""
         print(f"indexed {summary.indexed}, unchanged {summary.unchanged}, re-indexed {summary.reindexed}, "
               f"pruned {summary.pruned}, failed {summary.failed} of {summary.found} images in "
-              f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} img/s){distinct}")
+              f"{summary.seconds:.1f}s ({summary.images_per_second:.0f} img/s, inference path "
+              f"{summary.inference_path}){distinct}")
+        if summary.fetched is not None:
+            print(describe_fetching(summary.fetched), file=sys.stderr)
         if summary.failed:
             print(f"failed files are listed in {Path(args.catalog) / REPORT_FILE}", file=sys.stderr)
         if summary.metadata_unmatched:

@@ -4,8 +4,10 @@ Three pipelines, picked by device and job size:
 - CPU, large jobs: worker processes that each decode *and* encode whole batches on one thread (data parallel).
   On a CPU the model and Pillow compete for the same cores; one thread per process never waits at another
   thread's barrier, so this beats the model's own multi-threading on pre-decoded tensors (benchmarks/RESULTS.md).
-- CUDA: worker processes decode, the GPU encodes in this process.
-- Small jobs (or `workers=0`): one prefetch thread decodes the next batch while this process encodes.
+- CUDA, or `workers` asked for with an inference path that has its own thread pool (engine/inference.py: a
+  runtime's threads must not cross a fork): worker processes decode, this process encodes.
+- Small jobs, an inference path with its own thread pool on a CPU (or `workers=0`): one prefetch thread decodes
+  the next batch while this process encodes.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from engine.record import EngineRecord, code_maker_file, read_record
 from engine.errors import InputError
+from engine.inference import Inference, prepare
 from shards.codes import code_bytes
 from training.hashers import CodeMaker, load_code_maker
 from training.images import BadImage, load_image
@@ -85,6 +88,11 @@ class Encoder:
 
     model: HashingNet
     code_maker: CodeMaker | None = None
+    inference: Inference = field(default_factory=Inference)  # how the backbone runs (engine/inference.py)
+
+    def using(self, path: str) -> Encoder:
+        """This encoder on inference path `path` (or `auto`'s measured choice; eager where it cannot run)."""
+        return replace(self, inference=prepare(path, self.model, self.device.type))
 
     @property
     def input_size(self) -> int:
@@ -118,8 +126,22 @@ class Encoder:
         return self.model.mean.device
 
     def encode(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        codes, features = self.model.encode(images)
+        codes, features = self.model.encode(images, self.inference.features)
         return (self.code_maker.encode(features) if self.code_maker is not None else codes), features
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.config.class_names
+
+    def class_scores(self, features: np.ndarray) -> np.ndarray:
+        """Class logits (N, classes) from features (N, D), float32: the network's own head (latent layer,
+        sigmoid, classifier) in fp32, so a query's predicted class needs no second pass through the backbone and
+        stored features (an id query) give it too."""
+        latent, classifier = self.model.latent, self.model.classifier
+        with torch.inference_mode():
+            rows = torch.as_tensor(np.asarray(features, np.float32), device=self.device)
+            hidden = torch.sigmoid(torch.nn.functional.linear(rows, latent.weight.float(), latent.bias.float()))
+            return torch.nn.functional.linear(hidden, classifier.weight.float(), classifier.bias.float()).cpu().numpy()
 
 
 class NoModelRecorded(InputError):
@@ -127,15 +149,18 @@ class NoModelRecorded(InputError):
 
 
 def load_encoder(catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
-                 device: str = "auto", record: EngineRecord | None = None) -> Encoder:
-    """The encoder that made a catalog's codes: its recorded model (or `model_dir`) and code maker. `record`:
-    the catalog's engine.json where the caller has read it already."""
+                 device: str = "auto", record: EngineRecord | None = None,
+                 inference_path: str | None = None) -> Encoder:
+    """The encoder that made a catalog's codes: its recorded model (or `model_dir`), code maker and inference
+    path (or `inference_path`: another path finds the same items, measured by benchmarks/photo_path.py).
+    `record`: the catalog's engine.json where the caller has read it already."""
     record = record if record is not None else read_record(catalog_dir)
     model_dir = model_dir or (record.model_dir if record is not None else None)
     if model_dir is None:
         made_by = f" (its codes were made by {record.model_description()})" if record is not None else ""
         raise NoModelRecorded(f"{catalog_dir} records no model directory{made_by}, and none was given")
-    return Encoder(load_model(model_dir, device=pick_device(device)), recorded_code_maker(catalog_dir, record))
+    encoder = Encoder(load_model(model_dir, device=pick_device(device)), recorded_code_maker(catalog_dir, record))
+    return encoder.using(inference_path or (record.inference_path if record is not None else "eager"))
 
 
 def recorded_code_maker(catalog_dir: str | os.PathLike, record: EngineRecord | None) -> CodeMaker | None:
@@ -159,10 +184,12 @@ def _die_with_parent(parent: int, _worker: int) -> None:
 PROCESS_MIN_IMAGES = 512  # fewer images: worker processes' start-up (~0.15 s) costs more than they save
 
 
-def default_workers(images: int, device: torch.device = torch.device("cpu")) -> int:
+def default_workers(images: int, device: torch.device = torch.device("cpu"), forks: bool = True) -> int:
     """Worker processes for a job of `images` files: none for small jobs; on a CPU one per core (each encodes
-    on one thread), beside a GPU half the cores (they only decode), at least 2."""
-    if images < PROCESS_MIN_IMAGES:
+    on one thread), beside a GPU half the cores (they only decode), at least 2. None either for an inference
+    path that does not fork (`Inference.forks`): its runtime's threads encode while one prefetch thread decodes,
+    measured faster than decoding processes beside them (benchmarks/RESULTS.md, "Inference paths")."""
+    if images < PROCESS_MIN_IMAGES or not forks:
         return 0
     cores = os.cpu_count() or 1
     return min(16, max(2, cores)) if device.type == "cpu" else min(8, max(2, cores // 2))
@@ -213,10 +240,10 @@ def _prefetched(batches: _DecodedBatches) -> Iterator[DecodedBatch]:
 def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
                  workers: int | None = None) -> Iterator[EncodedBatch]:
     """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
-    workers = default_workers(len(files), encoder.device) if workers is None else workers
+    workers = default_workers(len(files), encoder.device, encoder.inference.forks) if workers is None else workers
     batches = _DecodedBatches(files, encoder.input_size, batch_size)
     die_with_parent = functools.partial(_die_with_parent, os.getpid())
-    if workers and encoder.device.type == "cpu":
+    if workers and encoder.device.type == "cpu" and encoder.inference.forks:
         yield from DataLoader(_EncodedBatches(encoder, batches), batch_size=None, num_workers=workers,
                               prefetch_factor=2, worker_init_fn=die_with_parent)
     elif workers:

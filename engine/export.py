@@ -59,7 +59,8 @@ def export_catalog(catalog_dir: str | os.PathLike, out: str | os.PathLike, progr
             f.attrs["model_fingerprint"] = manifest.model_fingerprint or ""
             if record is not None:  # what a query needs besides the model's weights: the copy is self-contained
                 carried = EngineRecord(model_fingerprint=record.model_fingerprint, codes=record.codes,
-                                       code_maker=record.code_maker, model_config=record.model_config)
+                                       code_maker=record.code_maker, model_config=record.model_config,
+                                       inference_path=record.inference_path)
                 f.attrs["engine"] = json.dumps(asdict(carried))
                 maker = code_maker_file(catalog_dir, record)
                 if maker is not None:

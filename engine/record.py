@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.fetch import cache_file, check_url
+from engine.inference import PATHS
 from engine.metadata import parse_product_metadata
 from shards.errors import CatalogError
 from engine.errors import InputError
@@ -36,6 +38,7 @@ class EngineRecord:
     code_maker: str | None = None  # a file name inside the catalog folder
     image_roots: list[str] = field(default_factory=list)  # folders whose images items may show
     model_config: dict | None = None  # the model's config.json: which model a query needs, where it is not here
+    inference_path: str = "eager"  # how the backbone ran (engine/inference.py): one path for all of a catalog's codes
 
     def check(self, where: Path) -> None:
         for name in ("model_dir", "model_fingerprint", "code_maker"):
@@ -51,6 +54,9 @@ class EngineRecord:
             raise CatalogError(f"{where}: image_roots must be a list of folder paths")
         if self.model_config is not None and not isinstance(self.model_config, dict):
             raise CatalogError(f"{where}: model_config must be an object")
+        if self.inference_path not in PATHS:
+            raise CatalogError(f"{where}: inference_path must be one of {', '.join(PATHS)}, "
+                               f"not {self.inference_path!r}")
 
     def model_description(self) -> str:
         """Which model made the codes, in words, for an error that asks the user for it."""
@@ -128,6 +134,8 @@ def display_path(path: str | os.PathLike) -> str:
 
 def label_of(path: Path, root: Path) -> str | None:
     """The first subfolder under the root is the label (class) when the layout has one."""
+    if not path.is_relative_to(root):  # a photo fetched by URL, kept in the catalog folder
+        return None
     parts = path.relative_to(root).parts
     return display_path(parts[0]) if len(parts) > 1 else None
 
@@ -150,9 +158,12 @@ def regular_file_status(path: str | os.PathLike) -> os.stat_result:
     return status
 
 
-def read_metadata_file(file: str | os.PathLike, root: Path) -> tuple[dict[Path, dict], list[dict]]:
-    """Product metadata per image from a JSON-lines file (one object per line with a `path` relative to `root`):
-    {resolved image path: the object without `path`}, and a report entry for each line that cannot be used."""
+def read_metadata_file(file: str | os.PathLike, root: Path,
+                       fetched: Path | None = None) -> tuple[dict[Path, dict], list[dict]]:
+    """Product metadata per image from a JSON-lines file (one object per line with a `path` relative to `root`, or
+    with `fetched`, an `image_url` instead): {resolved image path: the object without `path`}, and a report entry
+    for each line that cannot be used. A URL's path is its file in the `fetched` folder (engine.fetch.cache_file),
+    there or not yet; the object keeps its `image_url`."""
     by_path, problems = {}, []
     try:
         lines = Path(file).read_text(encoding="utf-8").splitlines()
@@ -164,8 +175,12 @@ def read_metadata_file(file: str | os.PathLike, root: Path) -> tuple[dict[Path, 
         try:
             row = parse_product_metadata(line, f"{file} line {number}")
             relative = row.pop("path", None) if row is not None else None
+            if relative is None and fetched is not None and row is not None and "image_url" in row:
+                by_path[_url_file(row["image_url"], fetched)] = row
+                continue
             if not isinstance(relative, str) or not relative:
-                raise InputError(f"{file} line {number}: no \"path\" string")
+                raise InputError(f"{file} line {number}: no \"path\" string"
+                                 + (" or \"image_url\"" if fetched is not None else ""))
         except InputError as error:
             problems.append(dict(line=number, error=str(error)))
             continue
@@ -175,6 +190,14 @@ def read_metadata_file(file: str | os.PathLike, root: Path) -> tuple[dict[Path, 
             continue
         by_path[path] = row
     return by_path, problems
+
+
+def _url_file(url: object, fetched: Path) -> Path:
+    """The file a metadata row's `image_url` is fetched into; InputError for a URL that is not http(s)."""
+    if not isinstance(url, str):
+        raise InputError("\"image_url\" must be a string")
+    check_url(url)
+    return cache_file(fetched, url)
 
 
 def item_image(path: str | None, roots: list[str]) -> Path | None:

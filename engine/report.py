@@ -16,6 +16,7 @@ from engine.record import item_image
 from training.images import MAX_PIXELS
 
 if TYPE_CHECKING:
+    from engine.duplicates import DuplicateItem
     from engine.search import Result
 
 THUMBNAIL = 96
@@ -84,7 +85,27 @@ def write_html(file: str | os.PathLike, queries: list[str], results: list[list[R
                                  f"#{r.rank} {label}{product_html(r.metadata)}<br>ham {r.hamming} &middot; L2 "
                                  f"{distance}", "other" if other else ""))
         rows.append(f'<section><h2>{html.escape(query)}</h2><div class="row">{"".join(cells)}</div></section>')
-    page = f"""<!doctype html>
+    Path(file).write_text(_page(title, LEGEND + (MARK if query_labels else ""), rows))
+
+
+def write_groups_html(file: str | os.PathLike, groups: list[list[DuplicateItem]], title: str,
+                      image_roots: list[str]) -> None:
+    """A page of duplicate groups (`engine.duplicates`), one row each; images only from `image_roots`."""
+    rows = []
+    for number, group in enumerate(groups, 1):
+        cells = [_figure(item_image(item.path, image_roots),
+                         f"{html.escape(str(item.label or ''))}{product_html(item.metadata)}<br>id {item.id}")
+                 for item in group]
+        rows.append(f'<section><h2>group {number}: {len(group)} items</h2><div class="row">{"".join(cells)}</div>'
+                    "</section>")
+    legend = ("Groups of near-identical items: each item's code lies within the Hamming radius of another's in its "
+              "group, and their features within the maximum distance." if groups else "No duplicates found.")
+    Path(file).write_text(_page(title, legend, rows))
+
+
+def _page(title: str, legend: str, sections: list[str]) -> str:
+    """The self-contained page around rows of figures; `legend`: HTML."""
+    return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem; background: #fafafa; color: #222; }}
@@ -98,7 +119,6 @@ figure.other figcaption {{ color: #b00; }}
 .legend {{ font-size: .8rem; color: #555; }}
 img, .missing {{ width: {THUMBNAIL}px; height: {THUMBNAIL}px; object-fit: contain; background: #eee;
   image-rendering: pixelated; display: block; }}
-</style></head><body><h1>{html.escape(title)}</h1><p class="legend">{LEGEND}{MARK if query_labels else ""}</p>
-{"".join(rows)}</body></html>
+</style></head><body><h1>{html.escape(title)}</h1><p class="legend">{legend}</p>
+{"".join(sections)}</body></html>
 """
-    Path(file).write_text(page)

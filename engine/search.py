@@ -45,6 +45,20 @@ def unchanged_since_indexed(path: Path, meta: dict | None) -> bool:
     return meta is not None and (meta.get("size"), meta.get("mtime_ns")) == (status.st_size, status.st_mtime_ns)
 
 
+UNUSABLE_UPLOAD = "not a usable image"
+
+
+def decode_or_refuse(load: Callable[[], torch.Tensor], problem: str) -> torch.Tensor:
+    """One image's pixels from `load`; an image that does not decode is the caller's InputError, worded
+    `problem: why` (BadCropBox for a crop outside it), never a decoder's exception."""
+    try:
+        return load()
+    except BadCrop as error:
+        raise BadCropBox(str(error)) from error
+    except BadImage as error:
+        raise InputError(f"{problem}: {error}") from error
+
+
 class Searcher:
     """Two-stage search over a catalog: the model that makes query codes, and the catalog's read contract
     (`shards.reader.CatalogReader`), in this process or on Ray actors: one search path for both.
@@ -90,9 +104,20 @@ class Searcher:
             self._encoder = encoder
         return self._encoder
 
-    def encode(self, images: Sequence[str | os.PathLike]) -> tuple[np.ndarray, np.ndarray]:
-        """Codes and features of image files (a file already indexed is read from the catalog, not re-encoded)."""
+    @property
+    def inference_path(self) -> str:
+        """How queries' images are encoded (engine/inference.py): the loaded encoder's path, else the one the
+        catalog records (what loading will try: a path that cannot run here falls back to eager)."""
+        if self._encoder is not None:
+            return self._encoder.inference.name
+        return self.record.inference_path if self.record is not None else "eager"
+
+    def encode(self, images: Sequence[str | os.PathLike], crops: Sequence[CropBox | None] | None = None,
+               timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and features of image files (a file already indexed is read from the catalog, not re-encoded,
+        unless a region of it is asked for); `crops`: a region of each image to search with (None: all of it)."""
         paths = [Path(p).resolve() for p in images]
+        crops = crops if crops is not None else [None] * len(paths)
         folders = [str(p) for p in paths if p.is_dir()]
         if folders:
             raise InputError(f"{', '.join(folders)}: a folder; give image files to query with (build-index "
@@ -105,14 +130,15 @@ class Searcher:
         features = np.zeros((len(paths), self.catalog.manifest.feature_dim), np.float32)
         fresh = []
         for row, item in enumerate(stored):
-            if item is not None and unchanged_since_indexed(paths[row], item.meta):
+            if item is not None and crops[row] is None and unchanged_since_indexed(paths[row], item.meta):
                 codes[row], features[row] = item.code, item.features
             else:
                 fresh.append(row)
         if fresh:
             size = self.encoder.input_size
             codes[fresh], features[fresh] = self._decode_and_encode(
-                [lambda path=paths[row]: load_image(path, size) for row in fresh], "cannot read query image")
+                [lambda path=paths[row], crop=crops[row]: load_image(path, size, crop=crop) for row in fresh],
+                "cannot read query image", timings)
         return codes, features
 
     def encode_bytes(self, images: Sequence[bytes], max_pixels: int = MAX_PIXELS, timings: Timings | None = None,
@@ -123,7 +149,7 @@ class Searcher:
         size = self.encoder.input_size
         crops = crops if crops is not None else [None] * len(images)
         return self._decode_and_encode([lambda data=data, crop=crop: load_image_bytes(data, size, max_pixels, crop)
-                                        for data, crop in zip(images, crops)], "not a usable image", timings)
+                                        for data, crop in zip(images, crops)], UNUSABLE_UPLOAD, timings)
 
     def _decode_and_encode(self, loaders: Sequence[Callable[[], torch.Tensor]], problem: str,
                            timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -131,12 +157,7 @@ class Searcher:
         is the caller's InputError, worded `problem: why`."""
         timings = timings if timings is not None else self.timings
         start = time.perf_counter()
-        try:
-            batch = torch.stack([load() for load in loaders])
-        except BadCrop as error:
-            raise BadCropBox(str(error)) from error
-        except BadImage as error:
-            raise InputError(f"{problem}: {error}") from error
+        batch = torch.stack([decode_or_refuse(load, problem) for load in loaders])
         decoded = time.perf_counter()
         codes, features = self.encoder.encode(batch)
         timings.decode += decoded - start
@@ -145,33 +166,68 @@ class Searcher:
 
     def search_codes(self, codes: np.ndarray, features: np.ndarray | None, k: int = 10, pool: int | None = None,
                      radius: int | None = None, rerank: bool = True, filter: Filter | None = None,
-                     timings: Timings | None = None, nprobe: int | None = None) -> list[list[Result]]:
+                     timings: Timings | None = None, nprobe: int | None = None,
+                     within_predicted: int = 0) -> list[list[Result]]:
         """The two stages (`CatalogReader.search`) for codes (and features) already computed; `rerank`: False
         for Hamming order alone; `filter`: only items that pass it, exactly; `timings`: where to add the seconds
         per stage (default: this searcher's running totals); `nprobe`: inverted lists to visit per shard on an
-        ivf catalog."""
-        hits = self.catalog.search(codes, features if rerank else None, k, pool, radius, nprobe, filter,
-                                   timings if timings is not None else self.timings)
-        return [self._results(h) for h in hits]
+        ivf catalog; `within_predicted`: N > 0 searches only the items of each query's N most likely classes (as
+        the model predicts them from the query's features), combined with `filter`."""
+        timings = timings if timings is not None else self.timings
+        filters = (self.predicted_filters(features, within_predicted, filter) if within_predicted
+                   else [filter or Filter()] * len(codes))
+        results: list[list[Result]] = [[] for _ in range(len(codes))]
+        for rule, rows in rows_by_filter(filters).items():  # one catalog search per distinct filter
+            query_features = features[rows] if rerank and features is not None else None
+            hits = self.catalog.search(codes[rows], query_features, k, pool, radius, nprobe, rule, timings)
+            for row, found in zip(rows, hits):
+                results[row] = self._results(found)
+        return results
+
+    def predicted_filters(self, features: np.ndarray | None, top: int, filter: Filter | None) -> list[Filter | None]:
+        """Per query, `filter` narrowed to the labels of its `top` most likely classes: a class is stored under
+        its name (a folder's items) or its number (an imported catalog's bare class numbers). None where no
+        label can pass (the filter's labels exclude every predicted class)."""
+        if features is None:
+            raise InputError("within_predicted needs the queries' features")
+        filter = filter or Filter()
+        names = self.encoder.class_names
+        scores = self.encoder.class_scores(features)
+        likely = np.argsort(-scores, axis=1, kind="stable")[:, :top]
+        filters: list[Filter | None] = []
+        for classes in likely:
+            labels = {label for c in classes for label in (names[c], str(c))}
+            if filter.labels:
+                labels &= set(filter.labels)
+            filters.append(Filter(tuple(sorted(labels)), filter.where) if labels else None)
+        return filters
 
     def search(self, images: Sequence[str | os.PathLike], k: int = 10, pool: int | None = None,
                radius: int | None = None, rerank: bool = True, filter: Filter | None = None,
-               nprobe: int | None = None) -> list[list[Result]]:
-        """Search with image files; see `search_codes` for the stages."""
+               nprobe: int | None = None, crop: CropBox | None = None,
+               within_predicted: int = 0) -> list[list[Result]]:
+        """Search with image files (`crop`: a region of each); see `search_codes` for the stages."""
         pool = pool_size(k, pool, radius, self.catalog.manifest.bits)  # bad arguments fail before any encoding
-        codes, features = self.encode(images)
-        return self.search_codes(codes, features, k, pool, radius, rerank, filter, nprobe=nprobe)
+        codes, features = self.encode(images, [crop] * len(images))
+        return self.search_codes(codes, features, k, pool, radius, rerank, filter, nprobe=nprobe,
+                                 within_predicted=within_predicted)
 
-    def search_ids(self, ids: Sequence[int], k: int = 10, pool: int | None = None, radius: int | None = None,
-                   rerank: bool = True, filter: Filter | None = None, nprobe: int | None = None) -> list[list[Result]]:
-        """Search with items already in the catalog, using their stored codes and features."""
+    def stored(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Codes and features (float32) of items already in the catalog; InputError naming the missing ones."""
         items = self.catalog.get(np.asarray(ids, dtype=np.int64))
         missing = [i for i, item in zip(ids, items) if item is None]
         if missing:
             raise InputError(f"ids not in the catalog: {missing[:10]}")
-        codes = np.stack([item.code for item in items])
-        features = np.stack([item.features for item in items])
-        return self.search_codes(codes, features, k, pool, radius, rerank, filter, nprobe=nprobe)
+        return (np.stack([item.code for item in items]),
+                np.stack([item.features for item in items]).astype(np.float32, copy=False))
+
+    def search_ids(self, ids: Sequence[int], k: int = 10, pool: int | None = None, radius: int | None = None,
+                   rerank: bool = True, filter: Filter | None = None, nprobe: int | None = None,
+                   within_predicted: int = 0) -> list[list[Result]]:
+        """Search with items already in the catalog, using their stored codes and features."""
+        codes, features = self.stored(ids)
+        return self.search_codes(codes, features, k, pool, radius, rerank, filter, nprobe=nprobe,
+                                 within_predicted=within_predicted)
 
     def query_labels(self, images: Sequence[str | os.PathLike] = (), ids: Sequence[int] = ()) -> list[str | None]:
         """Each query's label where it is known: an indexed image's or item's own label, else the name of the
@@ -199,3 +255,12 @@ class Searcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def rows_by_filter(filters: Sequence[Filter | None]) -> dict[Filter, list[int]]:
+    """The queries' rows grouped by their filter, in first-seen order (None: nothing passes, no search)."""
+    groups: dict[Filter, list[int]] = {}
+    for row, rule in enumerate(filters):
+        if rule is not None:
+            groups.setdefault(rule, []).append(row)
+    return groups

@@ -186,6 +186,16 @@ class Catalog(ShardSet, CatalogReader):
         their checksums."""
         return self._rows.read(self.check_ids(ids))
 
+    def codes(self, filter: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """See `CatalogReader.codes`: from the in-memory indices, no disk read."""
+        if filter:
+            index = self._hamming.filtered(filter)
+            return index.ids, index.codes
+        for shard in self.shards:
+            shard.sync_index()
+        ids, order = self.ids_in_order()
+        return ids, np.concatenate([shard.code_index.codes for shard in self.shards])[order]
+
     def present(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """A mask of the ids the catalog holds (from the in-memory indices: no disk read)."""
         ids = self.check_ids(ids)

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from shards.catalog import Catalog, Item
+from shards.codes import padded_bytes
 from shards.errors import CatalogError, InvalidArgumentError
 from shards.filters import Filter
 from shards.manifest import Manifest
@@ -70,6 +71,9 @@ class ShardGroup:
 
     def present(self, ids: np.ndarray) -> np.ndarray:
         return self.catalog.present(ids)
+
+    def codes(self, filter: Filter | None) -> tuple[np.ndarray, np.ndarray]:
+        return self.catalog.codes(filter)
 
     def _writer(self) -> Catalog:
         """A writer on this group's shards alone, for one batch; searches see its commit after `refresh`."""
@@ -279,6 +283,15 @@ class RayCatalog(CatalogReader):
     def features(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         rows = self._by_owner("features", ids)  # each actor's answer comes back one row per id
         return np.array(rows, np.float32).reshape(len(rows), self.manifest.feature_dim)
+
+    def codes(self, filter: Filter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every group's ids and codes (8 bytes an item at up to 64 bits), merged in id order."""
+        self._start_query(filter)
+        answers = list(self._everyone("codes", filter).values())
+        ids = np.concatenate([a[0] for a in answers]) if answers else np.empty(0, np.int64)
+        codes = np.concatenate([a[1] for a in answers]) if answers else np.empty((0, padded_bytes(self.bits)), np.uint8)
+        order = np.argsort(ids, kind="stable")
+        return ids[order], codes[order]
 
     def add(self, ids: Sequence[int] | np.ndarray, codes: np.ndarray, features: np.ndarray,
             metas: Sequence[dict] | None = None) -> None:

@@ -23,7 +23,7 @@ from training.train import check_config, flag_worded, train
 from tests.test_data import write_cifar10, write_idx
 
 CLIS = ["engine.build_index", "engine.query", "engine.export", "engine.verify", "engine.demo", "engine.serve",
-        "training.train"]
+        "engine.duplicates", "training.train"]
 
 
 def cli(module, args, env, timeout=300):

@@ -203,9 +203,9 @@ def test_photo_searches_and_adds_encode_through_the_searcher(writable, tmp_path,
     calls = []
     encode_bytes = Searcher.encode_bytes
 
-    def spy(self, images, max_pixels, timings=None):
+    def spy(self, images, max_pixels, timings=None, crops=None):
         calls.append(max_pixels)
-        return encode_bytes(self, images, max_pixels, timings)
+        return encode_bytes(self, images, max_pixels, timings, crops)
 
     monkeypatch.setattr(Searcher, "encode_bytes", spy)
     photo = make_image_folder(tmp_path / "new", per_class=1, seed=34, start=810, classes=("ring",))[0]

@@ -136,15 +136,16 @@ def _decode(file: BinaryIO, size: int, max_pixels: int, crop: CropBox | None = N
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `max_pixels` decides, below
             with contextlib.closing(Image.open(file)) as image:  # closing frees the decoded pixels
                 image.seek(0)
-                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-                upright = image.size[::-1] if orientation in _SWAPS_SIDES else image.size
-                if crop is not None:
-                    crop.check_inside(*upright)
-                image.draft("RGB", _draft_request(image.size, size, crop))  # JPEG: down to 1/8 scale
+                stored = image.size
+                image.draft("RGB", _draft_request(stored, size, crop))  # JPEG: down to 1/8 scale
                 decoded = image.width * image.height
                 if decoded > max_pixels:
                     raise BadImage(f"{image.width}x{image.height} pixels to decode, over the limit of {max_pixels}")
-                with DECODING.taking(decoded):
+                with DECODING.taking(decoded):  # a PNG's EXIF may follow its pixels: reading it decodes them
+                    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+                    upright = stored[::-1] if orientation in _SWAPS_SIDES else stored
+                    if crop is not None:
+                        crop.check_inside(*upright)
                     pixels = _model_input(image, size, orientation, upright, crop)
     except BadImage:
         raise

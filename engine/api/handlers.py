@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.api.service import ItemExists, OutOfRoom
-from engine.errors import EngineError
+from engine.errors import BadCropBox, EngineError
 from shards.errors import CatalogError, DamagedError
 from training.errors import TrainingError
 
@@ -42,6 +42,11 @@ async def out_of_room(request: Request, exc: OutOfRoom) -> JSONResponse:
     return error(507, str(exc))
 
 
+async def bad_crop(request: Request, exc: BadCropBox) -> JSONResponse:
+    """A crop box outside its photo: the request's parameter is invalid for this photo, as a malformed box is."""
+    return error(422, str(exc))
+
+
 async def bad_input(request: Request, exc: Exception) -> JSONResponse:
     """An engine, training or catalog error: the request's to fix (an unusable image, metadata, an argument);
     a damaged catalog is the server's."""
@@ -56,6 +61,7 @@ async def server_error(request: Request, exc: Exception) -> JSONResponse:
 def add_error_handlers(app: FastAPI) -> None:
     """Starlette picks the handler of the most specific class: ItemExists and OutOfRoom before EngineError."""
     for kind, handler in ((StarletteHTTPException, http_error), (RequestValidationError, invalid_request),
-                          (ItemExists, item_exists), (OutOfRoom, out_of_room), (EngineError, bad_input),
+                          (ItemExists, item_exists), (OutOfRoom, out_of_room), (BadCropBox, bad_crop),
+                          (EngineError, bad_input),
                           (TrainingError, bad_input), (CatalogError, bad_input), (Exception, server_error)):
         app.add_exception_handler(kind, handler)

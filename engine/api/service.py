@@ -9,14 +9,17 @@ import os
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from engine.api.batching import BatchSettings, EncodeBatcher, decode_upload
+from engine.batch import Answer, BatchQuery, run_queries
 from engine.errors import EngineError
+from engine.fetch import FetchPolicy, fetch
 from engine.metadata import parse_product_metadata
 from engine.record import item_id, item_record, write_record
 from engine.search import Result, Searcher, Timings
@@ -24,7 +27,7 @@ from engine.uploads import is_upload, keep_upload, orphan_uploads, remove_upload
 from shards import Catalog
 from shards.filters import Filter, stored_label
 from training.cli import STORAGE_ERRORS
-from training.images import MAX_PIXELS
+from training.images import MAX_PIXELS, CropBox
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # LMDB reports a short write to a full disk as EIO
 
@@ -87,6 +90,8 @@ class Metrics:
                                 registry=self.registry,
                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
         self.items = Gauge("latenthash_catalog_items", "Items in the catalog", registry=self.registry)
+        self.batch_sizes = Histogram("latenthash_encode_batch_size", "Photos per batch the model encoded",
+                                     registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64))
 
     def observe(self, timings: Timings) -> None:
         for stage in fields(timings):
@@ -101,11 +106,13 @@ class Service:
     def __init__(self, catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  read_only: bool = False, token: str | None = None, max_upload_mb: float = 20,
                  device: str = "auto", ray: str | None = None, shards_per_actor: int = 1,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, batching: BatchSettings | None = None,
+                 urls: FetchPolicy | None = None):
         self.catalog_dir = Path(catalog_dir)
         self.read_only, self.token = read_only, token
         self.max_upload = int(max_upload_mb * (1 << 20))
         self.max_pixels = max_pixels
+        self.url_policy = replace(urls or FetchPolicy(), max_bytes=self.max_upload)  # a URL's photo: an upload's limit
         self.writer = None if read_only or ray is not None else Catalog.open(self.catalog_dir, readonly=False)
         if self.writer is not None:  # holding the writer lock: no add is half done
             remove_orphan_uploads(self.catalog_dir, self.writer)
@@ -120,6 +127,8 @@ class Service:
         self.write_lock = threading.Lock()
         self.metrics = Metrics()
         self.metrics.items.set(len(self.searcher.catalog))
+        self.batcher = None if batching is None else EncodeBatcher(  # None: each photo encodes alone
+            lambda pixels: self.searcher.encoder.encode(pixels), batching, self.metrics.batch_sizes.observe)
 
     @property
     def image_roots(self) -> list[str]:
@@ -127,23 +136,45 @@ class Service:
         return self.searcher.record.image_roots if self.searcher.record is not None else []
 
     def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
         with self.lock.writing():
             self.searcher.close()
             if self.writer is not None and self.writer is not self.searcher.catalog:
                 self.writer.close()
 
     def search(self, codes: np.ndarray, features: np.ndarray, k: int, pool: int | None, radius: int | None,
-               rerank: bool, filter: Filter, nprobe: int | None, timings: Timings) -> list[Result]:
+               rerank: bool, filter: Filter, nprobe: int | None, timings: Timings,
+               within_predicted: int = 0) -> list[Result]:
         """The one query's results (the searcher's two stages), its seconds per stage added to the metrics."""
         with self.lock.reading():
             results = self.searcher.search_codes(codes, features, k=k, pool=pool, radius=radius, rerank=rerank,
-                                                 filter=filter, timings=timings, nprobe=nprobe)[0]
+                                                 filter=filter, timings=timings, nprobe=nprobe,
+                                                 within_predicted=within_predicted)[0]
         self.metrics.observe(timings)
         return results
 
-    def encode_photo(self, data: bytes, timings: Timings) -> tuple[np.ndarray, np.ndarray]:
-        """Code and features of an uploaded photo (InputError for one that is no usable image)."""
-        return self.searcher.encode_bytes([data], self.max_pixels, timings)
+    def search_batch(self, queries: list[BatchQuery], timings: Timings) -> list[Answer]:
+        """Many queries' answers (`engine.batch`: the photos encoded as one batch, one search per set of options),
+        the seconds per stage added to the metrics."""
+        with self.lock.reading():
+            answers = run_queries(self.searcher, queries, self.max_pixels, timings)
+        self.metrics.observe(timings)
+        return answers
+
+    def fetch_photo(self, url: str) -> bytes:
+        """The photo at `url` for an add, fetched as engine.fetch does (no loopback or private address unless the
+        operator allowed it, redirects checked, timeouts, at most the upload limit): RefusedURL, FetchFailed."""
+        return fetch(url, self.url_policy).data
+
+    def encode_photo(self, data: bytes, timings: Timings, crop: CropBox | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Code and features of an uploaded photo, or of its `crop` region (InputError for one that is no usable
+        image, BadCropBox for a crop outside it); encoded with concurrent searches' photos unless batching is off."""
+        if self.batcher is None:
+            return self.searcher.encode_bytes([data], self.max_pixels, timings, [crop])
+        size = self.searcher.encoder.input_size
+        return self.batcher.encode(lambda: decode_upload(data, size, self.max_pixels, crop), timings)
 
     def item(self, item: int) -> dict | None:
         """An item's path, label and product metadata as the API shows them; None if it is not there."""

@@ -1,0 +1,121 @@
+"""Many queries in one call, each with its own options: the images encoded as one batch, the codes searched in one
+catalog search per set of options. What `engine.query --jsonl` and `POST /search/batch` run; a query that cannot
+be answered (an unusable image, a crop outside it, an id not in the catalog) gets its own error, not the batch's."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from engine.encode import NoModelRecorded
+from engine.search import Result, Searcher, Timings
+from shards.filters import Filter
+from shards.ranking import pool_size
+from training.images import MAX_PIXELS, CropBox
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How one query searches; queries with equal options share the catalog's search calls."""
+
+    k: int = 10
+    pool: int | None = None
+    radius: int | None = None
+    rerank: bool = True
+    filter: Filter = field(default_factory=Filter)
+    nprobe: int | None = None
+    within_predicted: int = 0  # N > 0: only the items of the query's N most likely classes
+
+
+@dataclass
+class BatchQuery:
+    """One query: an image (a file's path or an upload's bytes, optionally a region of it) or a catalog id."""
+
+    name: str
+    options: SearchOptions = field(default_factory=SearchOptions)
+    image: Path | bytes | None = None
+    id: int | None = None
+    crop: CropBox | None = None
+
+
+@dataclass
+class Answer:
+    query: str
+    results: list[Result] | None = None
+    error: str | None = None  # why this query has no results (then `results` is None)
+
+
+def run_queries(searcher: Searcher, queries: Sequence[BatchQuery], max_pixels: int = MAX_PIXELS,
+                timings: Timings | None = None) -> list[Answer]:
+    """Each query's answer, in order."""
+    timings = timings if timings is not None else Timings()
+    answers = [Answer(q.name) for q in queries]
+    codes = np.zeros((len(queries), searcher.catalog.manifest.layout.code_bytes), np.uint8)
+    features = np.zeros((len(queries), searcher.catalog.manifest.feature_dim), np.float32)
+    _encode_images(searcher, queries, codes, features, answers, max_pixels, timings)
+    _read_stored(searcher, queries, codes, features, answers)
+    groups: dict[SearchOptions, list[int]] = {}
+    for row, query in enumerate(queries):
+        if answers[row].error is None:
+            groups.setdefault(query.options, []).append(row)
+    for options, rows in groups.items():
+        try:
+            pool = pool_size(options.k, options.pool, options.radius, searcher.catalog.manifest.bits)
+            found = searcher.search_codes(codes[rows], features[rows], options.k, pool, options.radius,
+                                          options.rerank, options.filter, timings, options.nprobe,
+                                          options.within_predicted)
+        except ValueError as error:  # every layer's bad input: these options', not the other queries'
+            found = [None] * len(rows)
+            for row in rows:
+                answers[row].error = str(error)
+        for row, results in zip(rows, found):
+            answers[row].results = results
+    return answers
+
+
+def _encode_images(searcher: Searcher, queries: Sequence[BatchQuery], codes: np.ndarray, features: np.ndarray,
+                   answers: list[Answer], max_pixels: int, timings: Timings) -> None:
+    """Uploads as one batch, files as another (an indexed, unchanged file is read from the catalog)."""
+    uploads = [row for row, q in enumerate(queries) if isinstance(q.image, bytes)]
+    _encode_rows(uploads, codes, features, answers, lambda chosen: searcher.encode_bytes(
+        [queries[r].image for r in chosen], max_pixels, timings, [queries[r].crop for r in chosen]))
+    files = [row for row, q in enumerate(queries) if isinstance(q.image, Path)]
+    _encode_rows(files, codes, features, answers, lambda chosen: searcher.encode(
+        [queries[r].image for r in chosen], [queries[r].crop for r in chosen], timings))
+
+
+def _encode_rows(rows: list[int], codes: np.ndarray, features: np.ndarray, answers: list[Answer],
+                 encode: Callable[[list[int]], tuple[np.ndarray, np.ndarray]]) -> None:
+    """Encode the rows' images as one batch; if one of them is unusable, each alone, so that only the unusable
+    ones get an error (a batch mostly of good images pays the one-by-one cost only when one is bad)."""
+    if not rows:
+        return
+    try:
+        codes[rows], features[rows] = encode(rows)
+        return
+    except NoModelRecorded:  # the searcher's, not an image's
+        raise
+    except ValueError:
+        pass
+    for row in rows:
+        try:
+            codes[[row]], features[[row]] = encode([row])
+        except NoModelRecorded:
+            raise
+        except ValueError as error:
+            answers[row].error = str(error)
+
+
+def _read_stored(searcher: Searcher, queries: Sequence[BatchQuery], codes: np.ndarray, features: np.ndarray,
+                 answers: list[Answer]) -> None:
+    rows = [row for row, q in enumerate(queries) if q.id is not None]
+    if not rows:
+        return
+    items = searcher.catalog.get(np.array([queries[r].id for r in rows], np.int64))
+    for row, item in zip(rows, items):
+        if item is None:
+            answers[row].error = f"no item {queries[row].id} in the catalog"
+        else:
+            codes[row], features[row] = item.code, item.features

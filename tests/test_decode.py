@@ -1,0 +1,24 @@
+"""Decoding at the model's size (issue 37, item 3): the pixel limit is checked from the header before any pixel
+is read, whatever the format; what Pillow offers beyond JPEG's draft is measured in benchmarks/decode.py."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from training.images import BadImage, load_image_bytes
+
+
+def test_a_png_over_the_limit_is_refused_before_its_pixels_are_read():
+    """Reading a PNG's EXIF decodes the image when no EXIF chunk precedes its pixels: the limit comes first, so
+    a PNG whose pixel data is cut short is refused for its size, not for the damage a decode would meet."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (2000, 1500), (10, 200, 30)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    cut = data[:data.index(b"IDAT") + 40]
+    with pytest.raises(BadImage, match="2000x1500 pixels to decode, over the limit of 1000000"):
+        load_image_bytes(cut, 32, max_pixels=1_000_000)
+    with pytest.raises(BadImage, match="truncated"):
+        load_image_bytes(cut, 32, max_pixels=4_000_000)
+    assert load_image_bytes(data, 32, max_pixels=4_000_000).float().mean((1, 2)).round().tolist() == [10, 200, 30]

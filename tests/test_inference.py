@@ -1,0 +1,134 @@
+"""Inference paths (engine/inference.py): each gives eager's answers, the catalog records its path, queries and
+/healthz use it, and a path that cannot run here falls back to eager (or, for an existing catalog, is refused)."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from engine.api.app import create_app
+from engine.api.service import Service
+from engine.build_index import REPORT_FILE, build_index, main as build_index_main
+from engine.encode import Encoder, encode_files, load_encoder
+from engine.errors import InputError
+from engine.inference import PATHS, auto_path, prepare
+from engine.record import EngineRecord, read_record, write_record
+from engine.search import Searcher
+from shards.errors import CatalogError
+from training.images import list_images, load_image
+from training.model import load_model
+
+# fp32 paths compute the same sums in another order; bf16 rounds activations to 8 mantissa bits
+FEATURE_ERROR = {"fp32": 1e-4, "bf16": 3e-2}
+BIT_AGREEMENT = {"fp32": 0.995, "bf16": 0.97}
+RUNNING_HERE = [name for name, path in PATHS.items() if path.unavailable("cpu") is None and name != "compile"]
+
+
+@pytest.fixture(scope="module")
+def images(image_folder) -> torch.Tensor:
+    return torch.stack([load_image(file, 32) for file in sorted(list_images(image_folder))])
+
+
+@pytest.fixture(scope="module")
+def eager_answers(trained_model, images) -> tuple[np.ndarray, np.ndarray]:
+    return Encoder(load_model(trained_model)).encode(images)
+
+
+def agreement(codes: np.ndarray, reference: np.ndarray) -> float:
+    return float((np.unpackbits(codes, axis=1) == np.unpackbits(reference, axis=1)).mean())
+
+
+def relative_error(features: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(features - reference) / np.linalg.norm(reference))
+
+
+@pytest.mark.parametrize("name", RUNNING_HERE)
+def test_every_path_here_gives_eager_answers(name, trained_model, images, eager_answers):
+    encoder = Encoder(load_model(trained_model)).using(name)
+    assert encoder.inference.name == name
+    codes, features = encoder.encode(images)
+    precision = PATHS[name].precision
+    assert features.dtype == np.float32 and features.shape == eager_answers[1].shape
+    assert relative_error(features, eager_answers[1]) < FEATURE_ERROR[precision]
+    assert agreement(codes, eager_answers[0]) >= BIT_AGREEMENT[precision]
+    single_codes, single_features = encoder.encode(images[:1])  # batch 1, as a query
+    assert np.array_equal(single_codes, codes[:1]) or agreement(single_codes, codes[:1]) >= BIT_AGREEMENT[precision]
+    assert relative_error(single_features, features[:1]) < FEATURE_ERROR[precision]
+    shipped = copy.deepcopy(encoder)  # as Ray ships it: what a runtime built stays behind, the copy builds its own
+    assert shipped.inference.name == name and shipped.inference._built is None
+
+
+def test_a_missing_runtime_falls_back_to_eager_with_one_line(trained_model, monkeypatch, caplog):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "openvino" else find_spec(name, *rest))
+    model = load_model(trained_model)
+    with caplog.at_level(logging.WARNING, logger="engine.inference"):
+        inference = prepare("openvino-bf16", model, "cpu")
+    assert inference.name == "eager" and inference.features is None
+    assert len(caplog.records) == 1 and "openvino is not installed" in caplog.records[0].getMessage()
+    assert auto_path("resnet50", "cpu") == "eager" and auto_path("efficientnet_b0", "cuda") == "eager"
+    with pytest.raises(InputError, match="inference path must be one of"):
+        prepare("fastest", model, "cpu")
+
+
+def test_auto_follows_the_measured_table(trained_model):
+    bf16_here = PATHS["openvino-bf16"].unavailable("cpu") is None
+    assert auto_path("resnet50", "cpu") == ("openvino-bf16" if bf16_here else "eager")
+    assert auto_path("cifar_convnet_small", "cpu") == "eager"  # a family not measured to gain
+    assert Encoder(load_model(trained_model)).using("auto").inference.name == "eager"
+
+
+def test_build_index_refuses_an_unknown_path_as_a_flag(image_folder, trained_model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        build_index_main([str(image_folder), "--model", str(trained_model), "--catalog", str(tmp_path / "c"),
+                          "--inference-path", "fastest"])
+    assert refused.value.code == 2 and "--inference-path" in capsys.readouterr().err
+
+
+def test_the_catalog_records_its_path_and_queries_by_another_find_the_same(image_folder, trained_model, tmp_path):
+    name = "openvino" if "openvino" in RUNNING_HERE else "eager"
+    catalog = tmp_path / "catalog"
+    summary = build_index(image_folder, trained_model, catalog, shards=2, workers=2, progress=False,
+                          inference_path=name)  # worker processes: decoding ones beside a runtime's threads
+    assert summary.inference_path == name and summary.indexed == len(list_images(image_folder))
+    assert read_record(catalog).inference_path == name
+    assert json.loads((catalog / REPORT_FILE).read_text())["inference_path"] == name
+    other = "eager" if name != "eager" else "onnxruntime"
+    with pytest.raises(InputError, match=f"made by inference path {name}"):
+        build_index(image_folder, trained_model, catalog, progress=False, inference_path=other)
+    queries = torch.stack([load_image(file, 32) for file in sorted(list_images(image_folder))[::6]])
+    with Searcher(catalog) as searcher:
+        assert searcher.inference_path == name
+        recorded = searcher.search_codes(*searcher.encoder.encode(queries), k=10)
+        assert searcher.encoder.inference.name == name
+        by_eager = searcher.search_codes(*load_encoder(catalog, inference_path="eager").encode(queries), k=10)
+    overlap = np.mean([len({r.id for r in a} & {r.id for r in b}) / 10 for a, b in zip(recorded, by_eager)])
+    assert overlap >= 0.9
+    with TestClient(create_app(Service(catalog))) as client:
+        assert client.get("/healthz").json()["inference_path"] == name
+
+
+def test_encoding_in_workers_equals_this_process(image_folder, trained_model):
+    """The CPU pipeline forks: eager encodes in the workers, a runtime's path beside decoding workers."""
+    files = sorted(list_images(image_folder))
+    for name in {"eager", *RUNNING_HERE[:2]}:
+        encoder = Encoder(load_model(trained_model)).using(name)
+        alone = np.concatenate([b.codes for b in encode_files(encoder, files, batch_size=16, workers=0)])
+        forked = np.concatenate([b.codes for b in encode_files(encoder, files, batch_size=16, workers=2)])
+        assert np.array_equal(alone, forked), name
+
+
+def test_a_record_names_a_known_path(tmp_path):
+    assert read_record(tmp_path) is None
+    write_record(tmp_path, EngineRecord(inference_path="openvino-bf16"))
+    assert read_record(tmp_path).inference_path == "openvino-bf16"
+    (tmp_path / "engine.json").write_text(json.dumps({"inference_path": "warp"}))
+    with pytest.raises(CatalogError, match="inference_path must be one of eager, compile"):
+        read_record(tmp_path)

@@ -2,6 +2,8 @@
 
   python benchmarks/paper_table.py --data ../shared/data/cifar-10-batches-py --bits 12 32 48
   python benchmarks/paper_table.py --dataset mnist --data ../shared/data/mnist --bits 48
+  python benchmarks/paper_table.py --data ../shared/data/cifar-10-batches-py --bits 48 --models runs/ \\
+      --inference-path openvino-bf16             # the same answers on another inference path?
   python benchmarks/paper_table.py --data ../shared/data/cifar-10-batches-py --bits 12 32 48 --models runs/ \\
       --methods latent lsh itq itq-cca ksh cnnh cnnh+ --features gist backbone
 
@@ -25,6 +27,8 @@ import torch
 
 import common  # noqa: F401
 from common import machine
+from engine.encode import Encoder
+from engine.inference import PATHS
 from engine.metrics import retrieval_metrics, two_stage_metrics
 from training.config import read_train_config
 from training.data import Dataset, load_dataset
@@ -47,11 +51,11 @@ PAPER_CIFAR10 = {
 }
 
 
-def encode_all(model, images: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def encode_all(encoder: Encoder, images: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     codes, features = [], []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            c, f = model.encode(images[start:start + batch_size])
+            c, f = encoder.encode(images[start:start + batch_size])
             codes.append(c)
             features.append(f)
     return np.concatenate(codes), np.concatenate(features)
@@ -146,9 +150,10 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
         for objective in networks:
             model_dir, train_seconds = network(args, data, objective, bits)
             model = load_model(model_dir)
+            encoder = Encoder(model).using(args.inference_path)
             start = time.perf_counter()
-            (query_codes, query_vectors), (db_codes, db_vectors) = (encode_all(model, data.test.images),
-                                                                    encode_all(model, data.train.images))
+            (query_codes, query_vectors), (db_codes, db_vectors) = (encode_all(encoder, data.test.images),
+                                                                    encode_all(encoder, data.train.images))
             encode_seconds = time.perf_counter() - start
             label = "backbone, mirror-averaged" if model.config.mirror_average else "backbone"
             if objective == "latent":
@@ -156,7 +161,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict], Dataset]:
             if objective in args.methods:
                 rows.append(score(args, labels, objective, label, bits, (query_codes, db_codes),
                                   (query_vectors, db_vectors), model=str(model_dir), fit_seconds=train_seconds,
-                                  encode_seconds=encode_seconds))
+                                  encode_seconds=encode_seconds, inference_path=encoder.inference.name))
         for method in code_makers:
             for label, vectors in (feature_sets[features] for features in args.features):
                 if bits > vectors[1].shape[1] and method in ("itq", "itq-cca"):
@@ -237,6 +242,8 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.2)
     parser.add_argument("--top-k", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="seed of the code makers")
+    parser.add_argument("--inference-path", choices=list(PATHS), default="eager",
+                        help="how the networks encode (engine/inference.py; default %(default)s, the reference)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows, data = run(args)

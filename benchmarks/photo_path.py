@@ -228,7 +228,7 @@ def main() -> None:
         measured = measure(args, files)
     summary = summarise(args, measured)
     print_table(args, summary, measured["backbone"])
-    chosen = auto_path(measured["backbone"], "cpu")
+    chosen = auto_path(measured["backbone"], args.input_size, "cpu")
     chosen = chosen if chosen in summary["table"] else "eager"
     eager, best = summary["table"]["eager"], summary["table"][chosen]
     print(json.dumps(dict(host=machine(), backbone=measured["backbone"], path=chosen, paths=summary["table"],

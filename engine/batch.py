@@ -1,11 +1,12 @@
-"""Many queries in one call, each with its own options: the images encoded as one batch, the codes searched in one
+"""Many queries in one call, each with its own options: the images encoded in batches, the codes searched in one
 catalog search per set of options. What `engine.query --jsonl` and `POST /search/batch` run; a query that cannot
 be answered (an unusable image, a crop outside it, an id not in the catalog) gets its own error, not the batch's."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 
@@ -47,15 +48,33 @@ class Answer:
     error: str | None = None  # why this query has no results (then `results` is None)
 
 
+ENCODE_BATCH = 32  # photos per model call: a request of hundreds of small photos must not hold all their activations
+
+
 def run_queries(searcher: Searcher, queries: Sequence[BatchQuery], max_pixels: int = MAX_PIXELS,
-                timings: Timings | None = None) -> list[Answer]:
-    """Each query's answer, in order."""
+                timings: Timings | None = None,
+                reading: Callable[[], ContextManager] = contextlib.nullcontext) -> list[Answer]:
+    """Each query's answer, in order. `reading`: what guards the catalog's reads (a service's read lock); uploads
+    are decoded and encoded before it is taken, `ENCODE_BATCH` at a time."""
     timings = timings if timings is not None else Timings()
     answers = [Answer(q.name) for q in queries]
     codes = np.zeros((len(queries), searcher.catalog.manifest.layout.code_bytes), np.uint8)
     features = np.zeros((len(queries), searcher.catalog.manifest.feature_dim), np.float32)
-    _encode_images(searcher, queries, codes, features, answers, max_pixels, timings)
-    _read_stored(searcher, queries, codes, features, answers)
+    uploads = [row for row, q in enumerate(queries) if isinstance(q.image, bytes)]
+    _encode_rows(uploads, codes, features, answers, lambda chosen: searcher.encode_bytes(
+        [queries[r].image for r in chosen], max_pixels, timings, [queries[r].crop for r in chosen]))
+    with reading():
+        files = [row for row, q in enumerate(queries) if isinstance(q.image, Path)]  # indexed files: stored codes
+        _encode_rows(files, codes, features, answers, lambda chosen: searcher.encode(
+            [queries[r].image for r in chosen], [queries[r].crop for r in chosen], timings))
+        _read_stored(searcher, queries, codes, features, answers)
+        _search(searcher, queries, codes, features, answers, timings)
+    return answers
+
+
+def _search(searcher: Searcher, queries: Sequence[BatchQuery], codes: np.ndarray, features: np.ndarray,
+            answers: list[Answer], timings: Timings) -> None:
+    """One catalog search per distinct set of options, over the queries that have codes."""
     groups: dict[SearchOptions, list[int]] = {}
     for row, query in enumerate(queries):
         if answers[row].error is None:
@@ -72,40 +91,28 @@ def run_queries(searcher: Searcher, queries: Sequence[BatchQuery], max_pixels: i
                 answers[row].error = str(error)
         for row, results in zip(rows, found):
             answers[row].results = results
-    return answers
-
-
-def _encode_images(searcher: Searcher, queries: Sequence[BatchQuery], codes: np.ndarray, features: np.ndarray,
-                   answers: list[Answer], max_pixels: int, timings: Timings) -> None:
-    """Uploads as one batch, files as another (an indexed, unchanged file is read from the catalog)."""
-    uploads = [row for row, q in enumerate(queries) if isinstance(q.image, bytes)]
-    _encode_rows(uploads, codes, features, answers, lambda chosen: searcher.encode_bytes(
-        [queries[r].image for r in chosen], max_pixels, timings, [queries[r].crop for r in chosen]))
-    files = [row for row, q in enumerate(queries) if isinstance(q.image, Path)]
-    _encode_rows(files, codes, features, answers, lambda chosen: searcher.encode(
-        [queries[r].image for r in chosen], [queries[r].crop for r in chosen], timings))
 
 
 def _encode_rows(rows: list[int], codes: np.ndarray, features: np.ndarray, answers: list[Answer],
                  encode: Callable[[list[int]], tuple[np.ndarray, np.ndarray]]) -> None:
-    """Encode the rows' images as one batch; if one of them is unusable, each alone, so that only the unusable
-    ones get an error (a batch mostly of good images pays the one-by-one cost only when one is bad)."""
-    if not rows:
-        return
-    try:
-        codes[rows], features[rows] = encode(rows)
-        return
-    except NoModelRecorded:  # the searcher's, not an image's
-        raise
-    except ValueError:
-        pass
-    for row in rows:
+    """Encode the rows' images `ENCODE_BATCH` at a time; if one of a batch is unusable, that batch's images each
+    alone, so that only the unusable ones get an error (good images pay the one-by-one cost only beside a bad one)."""
+    for start in range(0, len(rows), ENCODE_BATCH):
+        batch = rows[start:start + ENCODE_BATCH]
         try:
-            codes[[row]], features[[row]] = encode([row])
-        except NoModelRecorded:
+            codes[batch], features[batch] = encode(batch)
+            continue
+        except NoModelRecorded:  # the searcher's, not an image's
             raise
-        except ValueError as error:
-            answers[row].error = str(error)
+        except ValueError:
+            pass
+        for row in batch:
+            try:
+                codes[[row]], features[[row]] = encode([row])
+            except NoModelRecorded:
+                raise
+            except ValueError as error:
+                answers[row].error = str(error)
 
 
 def _read_stored(searcher: Searcher, queries: Sequence[BatchQuery], codes: np.ndarray, features: np.ndarray,

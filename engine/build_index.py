@@ -83,13 +83,14 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     from training.model import load_model, pick_device
 
     catalog_dir = Path(catalog_dir)
+    record = read_record(catalog_dir) if catalog_exists(catalog_dir) else None
+    # With Ray the actors take the model to their own devices (eager: a runtime's session stays in its process).
+    path = _inference_path(catalog_dir, record, inference_path, pick_device(device).type, ray is not None)
     listed, products, unmatched, photos = _images(image_dir, root, metadata, catalog_dir, fetch, progress)
     files, stats, bad_entries = _regular_files(listed)
-    record = read_record(catalog_dir) if catalog_exists(catalog_dir) else None
-    # With Ray the actors take the model to their own devices; this process only commits.
     model = load_model(model_dir, device=pick_device("cpu" if ray is not None else device))
     encoder = _encoder(model, catalog_dir, record, codes, code_bits, files, root, fit_samples, batch_size, workers,
-                       progress).using(_inference_path(catalog_dir, record, inference_path, device))
+                       progress).using(path)
     summary = BuildSummary(inference_path=encoder.inference.name, found=len(listed) + len(photos.failures),
                            failures=bad_entries + photos.failures,
                            metadata_unmatched=unmatched, fetched=photos.counts() if photos.urls else None)
@@ -188,22 +189,27 @@ def fit_catalog_code_maker(model: HashingNet, method: str, bits: int, files: lis
     return Encoder(model, fit_code_maker(method, np.concatenate(features), bits, label_ids))
 
 
-def _inference_path(catalog_dir: Path, record: EngineRecord | None, asked: str, device: str) -> str:
-    """The path to encode with: `asked` for a new catalog; the recorded one for an existing catalog, whose codes
-    must all come from one path, so another path asked for, or the recorded one unable to run here, is refused."""
+def _inference_path(catalog_dir: Path, record: EngineRecord | None, asked: str, device_type: str,
+                    on_ray: bool) -> str:
+    """The path to encode with, checked before any photo is fetched or encoded: `asked` for a new catalog (`auto`
+    is eager on Ray); the recorded one for an existing catalog, whose codes must all come from one path, so
+    another path asked for, or the recorded one unable to run here (on `device_type`, or on Ray's actors), is
+    refused."""
     if asked not in PATH_CHOICES:
         raise InputError(f"inference path must be one of {', '.join(PATH_CHOICES)}, not '{asked}'")
-    if record is None:
-        return asked
-    recorded = record.inference_path
-    if asked not in ("auto", recorded):
-        raise InputError(f"catalog {catalog_dir} holds codes made by inference path {recorded}; it cannot take "
+    wanted = asked if record is None else record.inference_path
+    if record is not None and asked not in ("auto", wanted):
+        raise InputError(f"catalog {catalog_dir} holds codes made by inference path {wanted}; it cannot take "
                          f"codes made by {asked} (index into a new catalog to change paths)")
-    reason = PATHS[recorded].unavailable("cuda" if device == "cuda" else "cpu")
+    if on_ray and wanted not in ("auto", "eager"):
+        raise InputError(f"inference path {wanted} runs in this process, not on Ray's actors (they encode eager)")
+    if on_ray:
+        return "eager"
+    reason = PATHS[wanted].unavailable(device_type) if wanted != "auto" else None
     if reason is not None:
-        raise InputError(f"catalog {catalog_dir} holds codes made by inference path {recorded}, which cannot run "
-                         f"here: {reason}")
-    return recorded
+        made = f" (catalog {catalog_dir} holds codes made by it)" if record is not None else ""
+        raise InputError(f"inference path {wanted} cannot run here{made}: {reason}")
+    return wanted
 
 
 def _record_encoder(catalog_dir: Path, record: EngineRecord | None, encoder: Encoder, model_dir: str | os.PathLike,

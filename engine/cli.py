@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
 from typing import Callable
 
-from engine.errors import USER_ERRORS
+from engine.errors import USER_ERRORS, InputError
 from training.cli import STORAGE_ERRORS, program_name  # noqa: F401  (the engine's commands name themselves alike)
 from training.cli import run_cli as _run_cli
 
@@ -14,6 +16,19 @@ from training.cli import run_cli as _run_cli
 def run_cli(body: Callable[[], int]) -> int:
     """`training.cli.run_cli` for engine commands, whose users' errors come from every layer."""
     return _run_cli(body, USER_ERRORS)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """Refuse, before any work, a file a command will write that it cannot: a missing or read-only folder."""
+    folder = Path(path).resolve().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise InputError(f"{flag} {path}: cannot write into {folder}")
+
+
+def check_input_file(path: str, flag: str) -> None:
+    """Refuse, before any work, a file a command will read that it cannot."""
+    if not Path(path).is_file() or not os.access(path, os.R_OK):
+        raise InputError(f"{flag} {path}: no readable file there")
 
 
 def _within(value: float, low: float, high: float | None) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from typing import TYPE_CHECKING
 
-from engine.cli import bounded_float, bounded_int, program_name, run_cli
+from engine.cli import bounded_float, bounded_int, check_output_file, program_name, run_cli
 from engine.errors import InputError
 
 if TYPE_CHECKING:
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         if not Path(args.catalog).is_dir():
             raise InputError(f"--catalog {args.catalog}: no such folder (make one with build-index)")
+        if args.html:
+            check_output_file(args.html, "--html")
         from engine.report import write_groups_html
         from engine.search import Searcher
         from shards.filters import Filter

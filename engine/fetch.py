@@ -132,9 +132,11 @@ class _PinnedConnection(http.client.HTTPConnection):
         self.default_port = 443 if tls is not None else 80  # the Host header names the port only if not default
 
     def connect(self) -> None:
-        sock = socket.create_connection((self.address, self.port), self.timeout)
-        self.sock = self.tls.wrap_socket(sock, server_hostname=self.host) if self.tls is not None else sock
-        self.live = self.sock
+        self.live = socket.create_connection((self.address, self.port), self.timeout)  # the deadline can cut it
+        if self.tls is not None:  # the TLS socket owns the descriptor from here, handshake included
+            self.live = self.tls.wrap_socket(self.live, server_hostname=self.host, do_handshake_on_connect=False)
+            self.live.do_handshake()
+        self.sock = self.live
 
 
 @dataclass(frozen=True)
@@ -193,7 +195,7 @@ def _get(url: str, policy: FetchPolicy, since: float | None = None) -> tuple[int
             raise TimeoutError
         return response.status, None, Photo(body, _timestamp(response.getheader("Last-Modified")))
     except (TimeoutError, OSError, http.client.HTTPException) as error:
-        if connection.sock is None and isinstance(error, TimeoutError):
+        if connection.live is None and isinstance(error, TimeoutError):
             raise FetchTimeout(f"{url}: could not connect within {connection.timeout:g} s") from None
         if time.monotonic() >= deadline or isinstance(error, TimeoutError):
             raise FetchTimeout(f"{url}: no answer within {policy.total_timeout:g} s") from None

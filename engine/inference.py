@@ -63,12 +63,13 @@ def _eager(_model: "HashingNet", _input_size: int) -> None:
 
 
 def _compiled(model: "HashingNet", _input_size: int) -> Features:
-    """torch.compile (inductor) with the weights frozen into the graph as constants, fed channels_last."""
+    """torch.compile (inductor) with the weights frozen into the graph as constants, fed channels_last; a second
+    batch size recompiles once with the batch axis dynamic (not one compile per size)."""
     import torch
 
     from training.model import FeatureExtractor
 
-    compiled = torch.compile(FeatureExtractor(model).eval(), dynamic=False, options={"freezing": True})
+    compiled = torch.compile(FeatureExtractor(model).eval(), dynamic=None, options={"freezing": True})
     return lambda images: compiled(images.contiguous(memory_format=torch.channels_last))
 
 
@@ -142,18 +143,20 @@ PATHS = {path.name: path for path in (
 )}
 PATH_CHOICES = ("auto", *PATHS)
 
-# What `auto` runs per backbone family: the first path of its row that can run here, else eager. Measured side by
-# side with eager by benchmarks/photo_path.py on a 2 vCPU EPYC with AVX-512 and AVX512-BF16, no AMX
-# (benchmarks/RESULTS.md, "Inference paths"): openvino-bf16 built resnet50 2.6x, efficientnet_b0 2.2x and
-# convnext_tiny 2.1x more images per CPU second than eager and encoded single queries in 1/10 to 1/25 of its
-# CPU time, with top-10 overlap >= 0.99 and CIFAR-10 mAP unchanged. A host without bf16 units was not measured,
-# so there the rows find nothing and eager runs; so do the CIFAR nets (their builds from photos are
-# decode-bound: no gain measured) and the families not measured.
+# What `auto` runs per backbone family at an input size of at least AUTO_MIN_INPUT_SIZE: the first path of its row
+# that can run here, else eager. Measured side by side with eager by benchmarks/photo_path.py on a 2 vCPU EPYC
+# with AVX-512 and AVX512-BF16, no AMX, 224 px (benchmarks/RESULTS.md, "Photo path"): openvino-bf16 built resnet50
+# 2.6x, efficientnet_b0 2.2-3.2x and convnext_tiny 3.3x as many images per second as eager (decoding included)
+# and encoded a single photo in 0.26-0.50 of its time, top-10 results 0.997-1.000 the same. Hosts without bf16
+# units were not measured, so there the rows find nothing and eager runs; so do smaller inputs (at 32 px the
+# runtimes built 0.65-0.80x as fast: decoding dominates, and a runtime decodes on one thread) and the families
+# not measured.
 AUTO_TABLE: dict[str, tuple[str, ...]] = {
     "convnext": ("openvino-bf16",),
     "efficientnet": ("openvino-bf16",),
     "resnet": ("openvino-bf16",),
 }
+AUTO_MIN_INPUT_SIZE = 224
 
 
 @functools.cache
@@ -167,11 +170,17 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.partition(":")[2].split())
 
 
-def auto_path(backbone: str, device_type: str) -> str:
-    """The measured best path for a backbone (timm name) on this host: the first available in its family's row."""
+def auto_path(backbone: str, input_size: int, device_type: str) -> str:
+    """The measured best path for a backbone (timm name) at an input size on this host: the first available in
+    its family's row, else eager."""
     family = next((f for f in AUTO_TABLE if backbone.startswith(f)), None)
-    candidates = AUTO_TABLE.get(family, ()) if family else ()
+    candidates = AUTO_TABLE[family] if family is not None and input_size >= AUTO_MIN_INPUT_SIZE else ()
     return next((name for name in candidates if PATHS[name].unavailable(device_type) is None), "eager")
+
+
+def runnable(name: str, device_type: str) -> str:
+    """The path that runs when `name` is asked for here: itself, or eager where it cannot run."""
+    return name if PATHS[name].unavailable(device_type) is None else "eager"
 
 
 class Inference:
@@ -207,9 +216,10 @@ def prepare(name: str, model: "HashingNet", device_type: str) -> Inference:
     to eager with a one-line note, since every path computes the same features."""
     if name not in PATH_CHOICES:
         raise InputError(f"inference path must be one of {', '.join(PATH_CHOICES)}, not {name!r}")
-    chosen = auto_path(model.config.backbone, device_type) if name == "auto" else name
-    reason = PATHS[chosen].unavailable(device_type)
-    if reason is not None:
-        log.warning("inference path %s cannot run here (%s): using eager", chosen, reason)
+    config = model.config
+    chosen = auto_path(config.backbone, config.input_size, device_type) if name == "auto" else name
+    if runnable(chosen, device_type) != chosen:
+        log.warning("inference path %s cannot run here (%s): using eager", chosen,
+                    PATHS[chosen].unavailable(device_type))
         chosen = "eager"
-    return Inference(chosen, model, model.config.input_size)
+    return Inference(chosen, model, config.input_size)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from engine.cli import bounded_int, program_name, run_cli
+from engine.cli import bounded_int, check_input_file, check_output_file, program_name, run_cli
 from engine.errors import InputError
 
 if TYPE_CHECKING:
@@ -115,12 +115,14 @@ def check_args(args: argparse.Namespace) -> None:
     if args.jsonl is not None:
         if args.images or args.id or args.html:
             raise InputError("--jsonl reads every query from its file: give no image, --id or --html with it")
-        if args.jsonl != "-" and not Path(args.jsonl).is_file():
-            raise InputError(f"--jsonl {args.jsonl}: no such file")
+        if args.jsonl != "-":
+            check_input_file(args.jsonl, "--jsonl")
     elif not args.images and not args.id:
         raise InputError("give at least one query image or --id (or --jsonl FILE)")
     elif args.crop and not args.images:
         raise InputError("--crop applies to query images, and none was given")
+    if args.html:
+        check_output_file(args.html, "--html")
     if not Path(args.catalog).is_dir():
         raise InputError(f"--catalog {args.catalog}: no such folder (make one with build-index)")
 

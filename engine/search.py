@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +12,14 @@ import numpy as np
 import torch
 
 from engine.encode import Encoder, load_encoder
+from engine.inference import runnable
 from engine.record import item_id, read_record
 from shards import Catalog, CatalogError, CatalogReader, Hits, StageTimings
 from shards.filters import Filter, stored_label
 from shards.ranking import pool_size
 from engine.errors import BadCropBox, InputError
 from training.images import MAX_PIXELS, BadCrop, BadImage, CropBox, load_image, load_image_bytes
+from training.model import pick_device
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Searcher:
         self._model_dir = model_dir
         self._device = device
         self._encoder = None
+        self._loading = threading.Lock()  # concurrent first photo searches load the model once
         self.timings = Timings()
 
     def refresh(self) -> None:
@@ -95,22 +99,24 @@ class Searcher:
     @property
     def encoder(self) -> Encoder:
         """Loaded on first use: searching by catalog id needs no model."""
-        if self._encoder is None:
-            encoder = load_encoder(self.catalog_dir, self._model_dir, self._device, self.record)
-            if encoder.fingerprint != self.catalog.manifest.model_fingerprint:
-                raise CatalogError(f"model {self._model_dir or 'recorded in the catalog'} ({encoder.fingerprint}) "
-                                   f"did not make the codes of {self.catalog_dir} "
-                                   f"({self.catalog.manifest.model_fingerprint})")
-            self._encoder = encoder
-        return self._encoder
+        with self._loading:
+            if self._encoder is None:
+                encoder = load_encoder(self.catalog_dir, self._model_dir, self._device, self.record)
+                if encoder.fingerprint != self.catalog.manifest.model_fingerprint:
+                    raise CatalogError(f"model {self._model_dir or 'recorded in the catalog'} "
+                                       f"({encoder.fingerprint}) did not make the codes of {self.catalog_dir} "
+                                       f"({self.catalog.manifest.model_fingerprint})")
+                self._encoder = encoder
+            return self._encoder
 
     @property
     def inference_path(self) -> str:
-        """How queries' images are encoded (engine/inference.py): the loaded encoder's path, else the one the
-        catalog records (what loading will try: a path that cannot run here falls back to eager)."""
+        """How queries' images are encoded (engine/inference.py): the loaded encoder's path, else the one loading
+        it will take (the catalog's, or eager where that cannot run here)."""
         if self._encoder is not None:
             return self._encoder.inference.name
-        return self.record.inference_path if self.record is not None else "eager"
+        recorded = self.record.inference_path if self.record is not None else "eager"
+        return runnable(recorded, pick_device(self._device).type)
 
     def encode(self, images: Sequence[str | os.PathLike], crops: Sequence[CropBox | None] | None = None,
                timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:

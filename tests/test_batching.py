@@ -118,7 +118,9 @@ def test_a_model_failure_answers_every_photo_of_its_batch(photos):
         answers = encode_together(batcher, 32, [(data, None) for data in photos[:3]])
     finally:
         batcher.close()
-    assert [str(answer) for answer in answers] == ["the model failed on 3 photos"] * 3
+    failed = "encoding a batch of photos failed: RuntimeError: the model failed on 3 photos"
+    assert [str(answer) for answer in answers] == [failed] * 3
+    assert len({id(answer) for answer in answers}) == 3  # each request its own error object
 
 
 @pytest.mark.parametrize("batching", [BatchSettings(LONG_WINDOW_MS, 16), None], ids=["batched", "alone"])

@@ -127,14 +127,28 @@ def test_get_duplicates_through_a_real_server(planted, cli_env, tmp_path):
             filtered = json.loads(response.read())
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{base}/duplicates?radius=-1", timeout=30)
-        with pytest.raises(urllib.error.HTTPError) as too_far:
-            urllib.request.urlopen(f"{base}/duplicates?radius=17", timeout=30)
+        with pytest.raises(urllib.error.HTTPError) as too_far:  # the service's bound: the CLI takes any
+            urllib.request.urlopen(f"{base}/duplicates?radius=3", timeout=30)
     assert {frozenset(g) for g in paths(answer["groups"])} == {frozenset(g) for g in expected}
     assert {frozenset(g) for g in paths(filtered["groups"])} == {frozenset(g) for g in expected[2:]}
     assert filtered["items"] == 24 * 2 + 4 and filtered["radius"] == 1
     assert answer["items"] == items and answer["radius"] == 2 and answer["max_distance"] > 0
-    assert refused.value.code == 422 and too_far.value.code == 400
-    assert "radius must be between 0 and the code length" in json.loads(too_far.value.read())["error"]
+    assert refused.value.code == 422 and too_far.value.code == 422
+    assert "less than or equal to 2" in too_far.value.read().decode()
+
+
+def test_one_duplicate_search_at_a_time_in_the_service(planted):
+    from fastapi.testclient import TestClient
+
+    from engine.api.app import create_app
+    from engine.api.service import Service
+
+    with TestClient(create_app(Service(planted[0], read_only=True))) as client:
+        service = client.app.state.service
+        with service.duplicate_search:  # as a search in progress holds it
+            busy = client.get("/duplicates")
+        assert busy.status_code == 429 and "a duplicate search is running" in busy.json()["error"]
+        assert client.get("/duplicates").status_code == 200
 
 
 @pytest.mark.parametrize("bits, radius", [(16, 2), (48, 3), (48, 0), (12, 12), (130, 1)])

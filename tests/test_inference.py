@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from engine.api.app import create_app
 from engine.api.service import Service
-from engine.build_index import REPORT_FILE, build_index, main as build_index_main
+from engine.build_index import REPORT_FILE, _inference_path, build_index, main as build_index_main
 from engine.encode import Encoder, encode_files, load_encoder
 from engine.errors import InputError
 from engine.inference import PATHS, auto_path, prepare
@@ -73,15 +73,16 @@ def test_a_missing_runtime_falls_back_to_eager_with_one_line(trained_model, monk
         inference = prepare("openvino-bf16", model, "cpu")
     assert inference.name == "eager" and inference.features is None
     assert len(caplog.records) == 1 and "openvino is not installed" in caplog.records[0].getMessage()
-    assert auto_path("resnet50", "cpu") == "eager" and auto_path("efficientnet_b0", "cuda") == "eager"
+    assert auto_path("resnet50", 224, "cpu") == "eager" and auto_path("efficientnet_b0", 224, "cuda") == "eager"
     with pytest.raises(InputError, match="inference path must be one of"):
         prepare("fastest", model, "cpu")
 
 
 def test_auto_follows_the_measured_table(trained_model):
     bf16_here = PATHS["openvino-bf16"].unavailable("cpu") is None
-    assert auto_path("resnet50", "cpu") == ("openvino-bf16" if bf16_here else "eager")
-    assert auto_path("cifar_convnet_small", "cpu") == "eager"  # a family not measured to gain
+    assert auto_path("resnet50", 224, "cpu") == ("openvino-bf16" if bf16_here else "eager")
+    assert auto_path("resnet18", 64, "cpu") == "eager"  # smaller inputs: decode-bound, measured slower
+    assert auto_path("cifar_convnet_small", 224, "cpu") == "eager"  # a family not measured to gain
     assert Encoder(load_model(trained_model)).using("auto").inference.name == "eager"
 
 
@@ -90,6 +91,20 @@ def test_build_index_refuses_an_unknown_path_as_a_flag(image_folder, trained_mod
         build_index_main([str(image_folder), "--model", str(trained_model), "--catalog", str(tmp_path / "c"),
                           "--inference-path", "fastest"])
     assert refused.value.code == 2 and "--inference-path" in capsys.readouterr().err
+
+
+def test_a_path_that_cannot_run_is_refused_before_any_photo_is_read(image_folder, trained_model, tmp_path,
+                                                                    monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "openvino" else find_spec(name, *rest))
+    monkeypatch.setattr("engine.build_index._images", lambda *args: pytest.fail("photos listed before the check"))
+    with pytest.raises(InputError, match="inference path openvino cannot run here: openvino is not installed"):
+        build_index(image_folder, trained_model, tmp_path / "c", progress=False, inference_path="openvino")
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(InputError, match="runs in this process, not on Ray's actors"):
+        _inference_path(tmp_path / "c", None, "openvino-bf16", "cpu", on_ray=True)
+    assert _inference_path(tmp_path / "c", None, "auto", "cpu", on_ray=True) == "eager"
 
 
 def test_the_catalog_records_its_path_and_queries_by_another_find_the_same(image_folder, trained_model, tmp_path):
@@ -118,7 +133,7 @@ def test_the_catalog_records_its_path_and_queries_by_another_find_the_same(image
 def test_encoding_in_workers_equals_this_process(image_folder, trained_model):
     """The CPU pipeline forks: eager encodes in the workers, a runtime's path beside decoding workers."""
     files = sorted(list_images(image_folder))
-    for name in {"eager", *RUNNING_HERE[:2]}:
+    for name in RUNNING_HERE:
         encoder = Encoder(load_model(trained_model)).using(name)
         alone = np.concatenate([b.codes for b in encode_files(encoder, files, batch_size=16, workers=0)])
         forked = np.concatenate([b.codes for b in encode_files(encoder, files, batch_size=16, workers=2)])

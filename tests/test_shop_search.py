@@ -122,6 +122,10 @@ def test_a_batch_answers_as_single_searches_do_with_the_photos_encoded_once(shop
     assert all(same_results(a["results"], s.json()["results"]) for a, s in zip(answers, singles, strict=True))
     assert [a["query"] for a in answers] == ["room.png", "room.png", f"id:{some_id}", other.name]
     assert all(a["error"] is None for a in answers) and batches == [3]  # the photos as one batch
+    monkeypatch.setattr("engine.batch.ENCODE_BATCH", 2)  # more photos than one model call takes
+    batches.clear()
+    chunked = client.post("/search/batch", data={"queries": json.dumps(queries)}, files=uploads).json()["answers"]
+    assert batches == [2, 1] and all(same_results(a["results"], b["results"]) for a, b in zip(chunked, answers))
     bad = queries + [{"image": 2}, {"id": 12345}, {"image": 0, "crop": "0,0,200,200"}]
     answer = client.post("/search/batch", data={"queries": json.dumps(bad)},
                          files=uploads + [("images", ("bad.png", b"not an image", "image/png"))])

@@ -154,17 +154,21 @@ class EncodeBatcher:
                 or time.perf_counter() - self._waiting[0].arrived >= window)
 
     def _encode_batch(self, batch: list[_Waiting]) -> None:
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
+        """Encode a batch and hand each request its row; whatever fails is every waiting request's answer (each
+        its own copy), and the batch is always counted out and its requests woken."""
         try:
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
             codes, features = self._encode(torch.stack([waiting.pixels for waiting in batch]))
-        except BaseException as error:  # the model's failure is every waiting request's answer
+        except Exception as error:
             for waiting in batch:
-                waiting.error = error
+                waiting.error = RuntimeError(f"encoding a batch of photos failed: {type(error).__name__}: {error}")
+                waiting.error.__cause__ = error
         else:
             for row, waiting in enumerate(batch):
                 waiting.codes, waiting.features = codes[row:row + 1], features[row:row + 1]
-        with self._condition:
-            self._encoding -= 1
-        for waiting in batch:
-            waiting.done.set()
+        finally:
+            with self._condition:
+                self._encoding -= 1
+            for waiting in batch:
+                waiting.done.set()

@@ -15,9 +15,10 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from engine.api.middleware import upload_too_large
-from engine.api.schemas import (BATCH_QUERIES, BATCH_QUERIES_SCHEMA, MAX_BATCH, MAX_ID, PHOTO_SEARCH_PARAMETERS,
-                                SEARCH_PARAMETERS, Added, BatchQueryModel, BatchResponse, Deleted, ErrorModel, Health,
-                                ItemModel, PhotoSearchParameters, SearchParameters, SearchResponse, errors)
+from engine.api.schemas import (BATCH_QUERIES, BATCH_QUERIES_SCHEMA, MAX_BATCH_QUERIES, MAX_ID,
+                                PHOTO_SEARCH_PARAMETERS, SEARCH_PARAMETERS, Added, BatchQueryModel, BatchResponse,
+                                Deleted, ErrorModel, Health, ItemModel, PhotoSearchParameters, SearchParameters,
+                                SearchResponse, errors)
 from engine.api.service import Service
 from engine.batch import BatchQuery
 from engine.fetch import FetchFailed, FetchTimeout
@@ -110,22 +111,22 @@ def upload_of(position: int, model: BatchQueryModel, names: list[str],
     return names[index] or f"upload {index}", uploads[index], model
 
 
-QUERIES_FIELD = Form(..., description=f"a JSON list of 1 to {MAX_BATCH} queries, each an object: `image` (position "
-                     "or file name of an upload) or `id`, plus its own parameters (those of GET /search, and crop "
-                     "for an image), e.g. [{\"image\": 0, \"k\": 5, \"crop\": \"10,10,64,64\"}, {\"id\": 42, "
+QUERIES_FIELD = Form(..., description=f"a JSON list of 1 to {MAX_BATCH_QUERIES} queries, each an object: `image` "
+                     "(position or file name of an upload) or `id`, plus its own parameters (those of GET /search, "
+                     "and crop for an image), e.g. [{\"image\": 0, \"k\": 5, \"crop\": \"10,10,64,64\"}, {\"id\": 42, "
                      "\"label\": [\"shoes\"], \"within\": \"predicted\"}]",
                      json_schema_extra={"contentMediaType": "application/json",
                                         "contentSchema": BATCH_QUERIES_SCHEMA})
 
 
 @router.post("/search/batch", response_model=BatchResponse, summary="Many searches in one request: photos "
-             "(encoded as one batch) and catalog items, each with its own parameters; a query that cannot be "
+             "(encoded in batches) and catalog items, each with its own parameters; a query that cannot be "
              "answered gets its own error", responses=errors(413, 422))
 async def search_batch(service: SERVICE, queries: str = QUERIES_FIELD,
                        images: list[UploadFile] = File([], description=f"the photos the queries name (at most "
-                                                        f"{MAX_BATCH})")):
-    if len(images) > MAX_BATCH:
-        raise HTTPException(422, f"{len(images)} images: at most {MAX_BATCH} in one batch")
+                                                        f"{MAX_BATCH_QUERIES})")):
+    if len(images) > MAX_BATCH_QUERIES:
+        raise HTTPException(422, f"{len(images)} images: at most {MAX_BATCH_QUERIES} in one batch")
     uploads = [await read_upload(image, service.max_upload) for image in images]
     batch = batch_queries(queries, [image.filename or "" for image in images], uploads)
     answers = await run_in_threadpool(service.search_batch, batch, Timings())
@@ -203,12 +204,18 @@ def delete_item(service: SERVICE, item_id: int = ITEM_ID):
 
 
 @router.get("/duplicates", response_model=DuplicatesResponse, summary="Groups of near-identical items (duplicate "
-            "listings): codes within `radius`, features within `max_distance`", responses=errors(400))
+            "listings): codes within `radius`, features within `max_distance`; one at a time",
+            responses=errors(400, 429))
 def duplicates(parameters: DUPLICATE_PARAMETERS, service: SERVICE):
     stats = DuplicateStats()
-    with service.lock.reading():
-        groups = find_duplicates(service.searcher.catalog, parameters.radius, parameters.max_distance,
-                                 parameters.filter, stats)
+    if not service.duplicate_search.acquire(blocking=False):  # each holds the catalog for seconds to a minute
+        raise HTTPException(429, "a duplicate search is running; ask again when it has finished")
+    try:
+        with service.lock.reading():
+            groups = find_duplicates(service.searcher.catalog, parameters.radius, parameters.max_distance,
+                                     parameters.filter, stats)
+    finally:
+        service.duplicate_search.release()
     return {"groups": [[vars(item) for item in group] for group in groups], "items": stats.items,
             "radius": stats.radius, "max_distance": stats.max_distance, "hamming_pairs": stats.hamming_pairs,
             "confirmed_pairs": stats.confirmed_pairs}

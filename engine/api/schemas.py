@@ -12,7 +12,7 @@ from shards.filters import Filter
 from training.images import CropBox
 
 MAX_K, MAX_POOL = 1000, 100_000
-MAX_BATCH = 256  # queries in one POST /search/batch
+MAX_BATCH_QUERIES = 256  # queries in one POST /search/batch
 MAX_CLASSES_WITHIN = 100
 MAX_ID = 2**63 - 1  # ids are 63-bit (engine.record.item_id)
 
@@ -131,10 +131,14 @@ SEARCH_PARAMETERS = Annotated[SearchParameters, Query()]
 PHOTO_SEARCH_PARAMETERS = Annotated[PhotoSearchParameters, Query()]
 
 
+SERVICE_MAX_RADIUS = 2  # what one request may ask of a shared server (benchmarks/RESULTS.md, "Shop features")
+
+
 class DuplicateParameters(FilterParameters):
     """GET /duplicates: which pairs count as near-identical, among which items."""
-    radius: int = Field(DEFAULT_RADIUS, ge=0, le=MAX_BITS, description="pairs whose codes differ in at most this "
-                        "many bits (at most the code length; each more costs several times the time)")
+    radius: int = Field(DEFAULT_RADIUS, ge=0, le=SERVICE_MAX_RADIUS, description="pairs whose codes differ in at "
+                        f"most this many bits (at most {SERVICE_MAX_RADIUS} here: each more costs ~6x the time and "
+                        "more memory, 1M items at radius 2 ~40 s; `engine.duplicates` takes any)")
     max_distance: float | None = Field(None, ge=0, allow_inf_nan=False, description="... and whose features lie "
                                        "at most this far apart (Euclidean; default: "
                                        f"{DEFAULT_DISTANCE_FRACTION} of the median distance between random items)")
@@ -170,9 +174,9 @@ class BatchQueryModel(PhotoSearchParameters):
         return self
 
 
-BATCH_QUERIES = TypeAdapter(Annotated[list[BatchQueryModel], Field(min_length=1, max_length=MAX_BATCH)])
+BATCH_QUERIES = TypeAdapter(Annotated[list[BatchQueryModel], Field(min_length=1, max_length=MAX_BATCH_QUERIES)])
 # The same, written out for the OpenAPI schema (a part's contentSchema: no references into a $defs of its own)
-BATCH_QUERIES_SCHEMA = {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+BATCH_QUERIES_SCHEMA = {"type": "array", "minItems": 1, "maxItems": MAX_BATCH_QUERIES,
                         "items": BatchQueryModel.model_json_schema()}
 
 

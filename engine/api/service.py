@@ -125,6 +125,7 @@ class Service:
             self.writer = self.searcher.catalog
         self.lock = ReadWriteLock()
         self.write_lock = threading.Lock()
+        self.duplicate_search = threading.Lock()  # one GET /duplicates at a time
         self.metrics = Metrics()
         self.metrics.items.set(len(self.searcher.catalog))
         self.batcher = None if batching is None else EncodeBatcher(  # None: each photo encodes alone
@@ -157,8 +158,7 @@ class Service:
     def search_batch(self, queries: list[BatchQuery], timings: Timings) -> list[Answer]:
         """Many queries' answers (`engine.batch`: the photos encoded as one batch, one search per set of options),
         the seconds per stage added to the metrics."""
-        with self.lock.reading():
-            answers = run_queries(self.searcher, queries, self.max_pixels, timings)
+        answers = run_queries(self.searcher, queries, self.max_pixels, timings, self.lock.reading)
         self.metrics.observe(timings)
         return answers
 

@@ -25,7 +25,7 @@ from shards.index import INDEX_TYPES, describe_index_types
 from training.collapse import SAMPLE as SPREAD_SAMPLE, CodeSpread, code_spread
 from engine.cli import bounded_int, program_name, run_cli
 from engine.errors import InputError
-from engine.inference import PATH_CHOICES, PATHS
+from engine.inference import PATH_CHOICES, PATHS, check_path_name
 from engine.fetch import (FetchPolicy, FetchReport, add_fetch_flags, add_url_sources, describe_fetching,
                           fetch_photos, fetch_policy, fetched_folder)
 from training.hashers import SUPERVISED, fit_code_maker, save_code_maker
@@ -84,11 +84,13 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
 
     catalog_dir = Path(catalog_dir)
     record = read_record(catalog_dir) if catalog_exists(catalog_dir) else None
-    # With Ray the actors take the model to their own devices (eager: a runtime's session stays in its process).
-    path = _inference_path(catalog_dir, record, inference_path, pick_device(device).type, ray is not None)
+    # With Ray the actors take the model to their own devices (eager: a runtime's session stays in its process),
+    # and this process only commits.
+    target = pick_device("cpu" if ray is not None else device)
+    path = _inference_path(catalog_dir, record, inference_path, target.type, ray is not None)
     listed, products, unmatched, photos = _images(image_dir, root, metadata, catalog_dir, fetch, progress)
     files, stats, bad_entries = _regular_files(listed)
-    model = load_model(model_dir, device=pick_device("cpu" if ray is not None else device))
+    model = load_model(model_dir, device=target)
     encoder = _encoder(model, catalog_dir, record, codes, code_bits, files, root, fit_samples, batch_size, workers,
                        progress).using(path)
     summary = BuildSummary(inference_path=encoder.inference.name, found=len(listed) + len(photos.failures),
@@ -195,8 +197,7 @@ def _inference_path(catalog_dir: Path, record: EngineRecord | None, asked: str, 
     is eager on Ray); the recorded one for an existing catalog, whose codes must all come from one path, so
     another path asked for, or the recorded one unable to run here (on `device_type`, or on Ray's actors), is
     refused."""
-    if asked not in PATH_CHOICES:
-        raise InputError(f"inference path must be one of {', '.join(PATH_CHOICES)}, not '{asked}'")
+    check_path_name(asked)
     wanted = asked if record is None else record.inference_path
     if record is not None and asked not in ("auto", wanted):
         raise InputError(f"catalog {catalog_dir} holds codes made by inference path {wanted}; it cannot take "

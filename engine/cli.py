@@ -31,6 +31,12 @@ def check_input_file(path: str, flag: str) -> None:
         raise InputError(f"{flag} {path}: no readable file there")
 
 
+def check_catalog_folder(path: str) -> None:
+    """Refuse, before torch or Faiss load, a --catalog that is not a folder."""
+    if not Path(path).is_dir():
+        raise InputError(f"--catalog {path}: no such folder (make one with build-index)")
+
+
 def _within(value: float, low: float, high: float | None) -> None:
     if value < low or high is not None and value > high:
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"

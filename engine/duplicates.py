@@ -12,13 +12,13 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from typing import TYPE_CHECKING
 
-from engine.cli import bounded_float, bounded_int, check_output_file, program_name, run_cli
+from engine.cli import (bounded_float, bounded_int, check_catalog_folder, check_output_file, program_name,
+                        run_cli)
 from engine.errors import InputError
 
 if TYPE_CHECKING:
@@ -178,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body() -> int:
-        if not Path(args.catalog).is_dir():
-            raise InputError(f"--catalog {args.catalog}: no such folder (make one with build-index)")
+        check_catalog_folder(args.catalog)
         if args.html:
             check_output_file(args.html, "--html")
         from engine.report import write_groups_html

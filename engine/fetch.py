@@ -397,8 +397,9 @@ def add_fetch_flags(parser: argparse.ArgumentParser) -> None:
                         "changed photo is fetched and its item indexed again (default: a kept photo is used as is)")
 
 
-def url_policy(args: argparse.Namespace, max_bytes: int) -> FetchPolicy:
-    """The FetchPolicy the flags of `add_url_flags` ask for."""
+def url_policy(args: argparse.Namespace, max_bytes: int = FetchPolicy.max_bytes) -> FetchPolicy:
+    """The FetchPolicy the flags of `add_url_flags` ask for, photos up to `max_bytes` (the service sets its own:
+    its upload limit)."""
     networks = EVERY_NETWORK if args.allow_private_urls else tuple(args.allow_url_network)
     return FetchPolicy(max_bytes=max_bytes, total_timeout=args.fetch_timeout, allowed_networks=networks)
 

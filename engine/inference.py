@@ -41,7 +41,7 @@ class InferencePath:
 
     name: str
     precision: str
-    build: Callable[["HashingNet", int], Features | None]
+    build: Callable[["HashingNet"], Features | None]
     runtime: str | None = None
     cpu_flags: tuple[str, ...] = ()
     forks: bool = False
@@ -57,12 +57,12 @@ class InferencePath:
         return None
 
 
-def _eager(_model: "HashingNet", _input_size: int) -> None:
+def _eager(_model: "HashingNet") -> None:
     """None: HashingNet.encode runs its own module (channels_last on a CPU), as training and evaluation do."""
     return None
 
 
-def _compiled(model: "HashingNet", _input_size: int) -> Features:
+def _compiled(model: "HashingNet") -> Features:
     """torch.compile (inductor) with the weights frozen into the graph as constants, fed channels_last; a second
     batch size recompiles once with the batch axis dynamic (not one compile per size)."""
     import torch
@@ -73,7 +73,7 @@ def _compiled(model: "HashingNet", _input_size: int) -> Features:
     return lambda images: compiled(images.contiguous(memory_format=torch.channels_last))
 
 
-def _onnxruntime(model: "HashingNet", input_size: int) -> Features:
+def _onnxruntime(model: "HashingNet") -> Features:
     """ONNX Runtime's CPU provider on the features exported through torch.onnx (batch axis dynamic)."""
     import io
 
@@ -83,21 +83,21 @@ def _onnxruntime(model: "HashingNet", input_size: int) -> Features:
     from training.model import FeatureExtractor
 
     file = io.BytesIO()
-    example = torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8)
+    example = torch.zeros(1, 3, model.config.input_size, model.config.input_size, dtype=torch.uint8)
     torch.onnx.export(FeatureExtractor(model).eval(), (example,), file, input_names=["images"],
                       output_names=["features"], dynamic_axes={"images": {0: "batch"}}, dynamo=False)
     session = onnxruntime.InferenceSession(file.getvalue(), providers=["CPUExecutionProvider"])
     return lambda images: torch.from_numpy(session.run(None, {"images": _numpy(images)})[0]).to(images.device)
 
 
-def _openvino(precision: str) -> Callable[["HashingNet", int], Features]:
+def _openvino(precision: str) -> Callable[["HashingNet"], Features]:
     """OpenVINO's CPU plugin at `precision` (its inference precision hint: f32, or bf16 on AVX512-BF16/AMX
     units, which keeps fp32 where its graph transformations judge bf16 unsafe)."""
-    def build(model: "HashingNet", input_size: int) -> Features:
+    def build(model: "HashingNet") -> Features:
         import openvino
         import torch
 
-        compiled = openvino.Core().compile_model(_openvino_graph(model, input_size), "CPU",
+        compiled = openvino.Core().compile_model(_openvino_graph(model), "CPU",
                                                  {"INFERENCE_PRECISION_HINT": precision})
         requests = threading.local()  # an infer request serves one call at a time: one per calling thread
 
@@ -109,23 +109,23 @@ def _openvino(precision: str) -> Callable[["HashingNet", int], Features]:
     return build
 
 
-_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {input size: OpenVINO graph}
+_graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its OpenVINO graph
 
 
-def _openvino_graph(model: "HashingNet", input_size: int):
-    """The features traced into an OpenVINO graph once per process and input size (seconds for a resnet50);
-    both precisions compile from it."""
+def _openvino_graph(model: "HashingNet") -> "openvino.Model":
+    """The features traced into an OpenVINO graph once per process (seconds for a resnet50); both precisions
+    compile from it."""
     import openvino
     import torch
 
     from training.model import FeatureExtractor
 
-    graphs = _graphs.setdefault(model, {})
-    if input_size not in graphs:
-        example = torch.zeros(1, 3, input_size, input_size, dtype=torch.uint8)
-        graphs[input_size] = openvino.convert_model(FeatureExtractor(model).eval(), example_input=example,
-                                                    input=[(-1, 3, input_size, input_size)])
-    return graphs[input_size]
+    if model not in _graphs:
+        size = model.config.input_size
+        example = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+        _graphs[model] = openvino.convert_model(FeatureExtractor(model).eval(), example_input=example,
+                                                input=[(-1, 3, size, size)])
+    return _graphs[model]
 
 
 def _numpy(images: "torch.Tensor"):
@@ -178,6 +178,12 @@ def auto_path(backbone: str, input_size: int, device_type: str) -> str:
     return next((name for name in candidates if PATHS[name].unavailable(device_type) is None), "eager")
 
 
+def check_path_name(name: str) -> None:
+    """InputError for a name that is neither a path nor `auto`."""
+    if name not in PATH_CHOICES:
+        raise InputError(f"inference path must be one of {', '.join(PATH_CHOICES)}, not {name!r}")
+
+
 def runnable(name: str, device_type: str) -> str:
     """The path that runs when `name` is asked for here: itself, or eager where it cannot run."""
     return name if PATHS[name].unavailable(device_type) is None else "eager"
@@ -187,8 +193,8 @@ class Inference:
     """A path for one model, built on first use in the process that uses it: a forked worker or a Ray actor
     (which gets it pickled, without what was built) builds its own, as runtimes' sessions cannot cross either."""
 
-    def __init__(self, name: str = "eager", model: "HashingNet | None" = None, input_size: int = 0):
-        self.name, self.model, self.input_size = name, model, input_size
+    def __init__(self, name: str = "eager", model: "HashingNet | None" = None):
+        self.name, self.model = name, model
         self._built: tuple[Features | None] | None = None
         self._lock = threading.Lock()
 
@@ -201,11 +207,11 @@ class Inference:
         """uint8 images -> features on this path (None: the model's own module, eager)."""
         with self._lock:
             if self._built is None:
-                self._built = (PATHS[self.name].build(self.model, self.input_size),)
+                self._built = (PATHS[self.name].build(self.model),)
             return self._built[0]
 
     def __getstate__(self) -> dict:
-        return {"name": self.name, "model": self.model, "input_size": self.input_size}
+        return {"name": self.name, "model": self.model}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -214,12 +220,10 @@ class Inference:
 def prepare(name: str, model: "HashingNet", device_type: str) -> Inference:
     """`name`'s path (or `auto`'s choice) for `model`, built at first use; a path that cannot run here falls back
     to eager with a one-line note, since every path computes the same features."""
-    if name not in PATH_CHOICES:
-        raise InputError(f"inference path must be one of {', '.join(PATH_CHOICES)}, not {name!r}")
-    config = model.config
-    chosen = auto_path(config.backbone, config.input_size, device_type) if name == "auto" else name
-    if runnable(chosen, device_type) != chosen:
-        log.warning("inference path %s cannot run here (%s): using eager", chosen,
-                    PATHS[chosen].unavailable(device_type))
+    check_path_name(name)
+    chosen = auto_path(model.config.backbone, model.config.input_size, device_type) if name == "auto" else name
+    reason = PATHS[chosen].unavailable(device_type)
+    if reason is not None:
+        log.warning("inference path %s cannot run here (%s): using eager", chosen, reason)
         chosen = "eager"
-    return Inference(chosen, model, config.input_size)
+    return Inference(chosen, model)

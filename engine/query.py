@@ -15,7 +15,8 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from engine.cli import bounded_int, check_input_file, check_output_file, program_name, run_cli
+from engine.cli import (bounded_int, check_catalog_folder, check_input_file, check_output_file, program_name,
+                        run_cli)
 from engine.errors import InputError
 
 if TYPE_CHECKING:
@@ -123,8 +124,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--crop applies to query images, and none was given")
     if args.html:
         check_output_file(args.html, "--html")
-    if not Path(args.catalog).is_dir():
-        raise InputError(f"--catalog {args.catalog}: no such folder (make one with build-index)")
+    check_catalog_folder(args.catalog)
 
 
 def search_arguments(searcher: Searcher, args: argparse.Namespace) -> tuple[list[str], list[list[Result]]]:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         service = Service(args.catalog, args.model, args.read_only, args.token, args.max_upload_mb, args.device,
                           args.ray, args.shards_per_actor, max_pixels=int(args.max_megapixels * 1e6),
                           batching=BatchSettings(args.batch_window_ms, args.max_batch, args.batch_workers)
-                          if args.batch_window_ms else None, urls=url_policy(args, int(args.max_upload_mb * (1 << 20))))
+                          if args.batch_window_ms else None, urls=url_policy(args))
         return serve(create_app(service), args.host, args.port, args.shutdown_timeout)
 
     return run_cli(body)

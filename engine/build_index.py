@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING, Iterator
@@ -34,7 +34,6 @@ from training.images import list_images
 if TYPE_CHECKING:  # the modules that import torch and Faiss load when a build starts, not for --help
     from engine.encode import EncodedBatch, Encoder
     from shards import Catalog
-    from training.model import HashingNet
 
 REPORT_FILE = "build-report.json"
 
@@ -79,6 +78,7 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
         from shards.cluster import connect
 
         connect(ray)
+    from engine.encode import Encoder
     from shards import catalog_exists, open_or_create
     from training.model import load_model, pick_device
 
@@ -91,8 +91,8 @@ def build_index(image_dir: str | os.PathLike, model_dir: str | os.PathLike, cata
     listed, products, unmatched, photos = _images(image_dir, root, metadata, catalog_dir, fetch, progress)
     files, stats, bad_entries = _regular_files(listed)
     model = load_model(model_dir, device=target)
-    encoder = _encoder(model, catalog_dir, record, codes, code_bits, files, root, fit_samples, batch_size, workers,
-                       progress).using(path)
+    encoder = _encoder(Encoder(model).using(path), catalog_dir, record, codes, code_bits, files, root, fit_samples,
+                       batch_size, workers, progress)
     summary = BuildSummary(inference_path=encoder.inference.name, found=len(listed) + len(photos.failures),
                            failures=bad_entries + photos.failures,
                            metadata_unmatched=unmatched, fetched=photos.counts() if photos.urls else None)
@@ -146,32 +146,32 @@ def _check_arguments(image_dir: str | os.PathLike, model_dir: str | os.PathLike,
         raise InputError(f"{model_dir} is not a latenthash model directory (no config.json)")
 
 
-def _encoder(model: HashingNet, catalog_dir: Path, record: EngineRecord | None, codes: str | None,
+def _encoder(base: Encoder, catalog_dir: Path, record: EngineRecord | None, codes: str | None,
              code_bits: int | None, files: list[Path], root: Path, fit_samples: int, batch_size: int,
              workers: int | None, progress: bool) -> Encoder:
-    """The model with the catalog's code maker: the one it keeps, or for a new catalog one fitted now (`codes`
-    other than latent)."""
-    from engine.encode import Encoder, recorded_code_maker
+    """`base` (the model on the catalog's inference path) with the catalog's code maker: the one it keeps, or for
+    a new catalog one fitted now on features from that path (`codes` other than latent)."""
+    from engine.encode import recorded_code_maker
 
     if record is not None:
         if codes not in (None, record.codes):
             raise InputError(f"catalog {catalog_dir} holds {record.codes} codes; it cannot take {codes} codes "
                              "(build a new catalog for other codes)")
-        return Encoder(model, recorded_code_maker(catalog_dir, record))
+        return replace(base, code_maker=recorded_code_maker(catalog_dir, record))
     if codes in (None, "latent"):
-        return Encoder(model)
-    return fit_catalog_code_maker(model, codes, code_bits or model.config.bits, files, root, fit_samples, batch_size,
-                                  workers, progress)
+        return base
+    return fit_catalog_code_maker(base, codes, code_bits or base.model.config.bits, files, root, fit_samples,
+                                  batch_size, workers, progress)
 
 
-def fit_catalog_code_maker(model: HashingNet, method: str, bits: int, files: list[Path], root: Path, samples: int,
+def fit_catalog_code_maker(base: Encoder, method: str, bits: int, files: list[Path], root: Path, samples: int,
                            batch_size: int, workers: int | None, progress: bool) -> Encoder:
-    """Fit `method` on the features of up to `samples` images (a seeded random subset; labels from the
-    subfolders for the supervised makers)."""
+    """`base` with `method` fitted on its features of up to `samples` images (a seeded random subset; labels from
+    the subfolders for the supervised makers): the features the catalog's codes will be made from."""
     import torch
     from tqdm import tqdm
 
-    from engine.encode import Encoder, encode_files
+    from engine.encode import encode_files
 
     picked = sorted(np.random.default_rng(0).permutation(len(files))[:samples].tolist())
     sample = [files[p] for p in picked]
@@ -181,14 +181,14 @@ def fit_catalog_code_maker(model: HashingNet, method: str, bits: int, files: lis
     features, kept = [], []
     bar = tqdm(total=len(sample), desc=f"fitting {method}: encoding", unit="img", disable=not progress)
     with torch.inference_mode():
-        for batch in encode_files(Encoder(model), sample, batch_size, workers):
+        for batch in encode_files(base, sample, batch_size, workers):
             features.append(batch.features)
             kept += batch.positions
             bar.update(len(batch.positions) + len(batch.failures))
     bar.close()
     classes = {name: i for i, name in enumerate(sorted({labels[p] for p in kept if labels[p] is not None}))}
     label_ids = np.array([classes[labels[p]] for p in kept]) if method in SUPERVISED else None
-    return Encoder(model, fit_code_maker(method, np.concatenate(features), bits, label_ids))
+    return replace(base, code_maker=fit_code_maker(method, np.concatenate(features), bits, label_ids))
 
 
 def _inference_path(catalog_dir: Path, record: EngineRecord | None, asked: str, device_type: str,

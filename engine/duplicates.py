@@ -117,15 +117,13 @@ def find_duplicates(catalog: CatalogReader, radius: int = DEFAULT_RADIUS, max_di
     found = list(catalog.close_pairs(radius, filter, count))  # checks the radius first
     first = np.concatenate([f for f, _, _ in found]) if found else np.empty(0, np.int64)
     second = np.concatenate([s for _, s, _ in found]) if found else np.empty(0, np.int64)
-    everyone, _ = catalog.codes()
-    ids = catalog.codes(filter)[0] if filter else everyone
     if max_distance is None:  # the feature space's scale, whatever the filter: the same pairs count as copies
-        max_distance = DEFAULT_DISTANCE_FRACTION * median_distance(catalog, everyone)
+        max_distance = DEFAULT_DISTANCE_FRACTION * median_distance(catalog, catalog.codes()[0])
     hamming_done = time.perf_counter()
     keep = catalog.pair_distances(first, second) <= max_distance if len(first) else np.zeros(0, bool)
     features_done = time.perf_counter()
     groups = described(catalog, components(first[keep], second[keep]))
-    stats.items, stats.radius, stats.max_distance = len(ids), radius, float(max_distance)
+    stats.items, stats.radius, stats.max_distance = count.items, radius, float(max_distance)
     stats.compared, stats.longest_run = count.compared, count.longest_run
     stats.hamming_pairs, stats.confirmed_pairs, stats.groups = len(first), int(keep.sum()), len(groups)
     stats.seconds = dict(hamming=hamming_done - start, features=features_done - hamming_done,

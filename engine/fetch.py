@@ -40,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from engine.cli import bounded_float, bounded_int
 from engine.errors import EngineError, InputError
 from training.files import atomic_write
+from training.images import IMAGE_FORMATS
 
 FETCHED = "fetched"  # the catalog folder's cache of photos fetched by URL
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -261,7 +262,7 @@ def check_image(data: bytes, url: str) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the decoder's pixel limit decides
-            with Image.open(io.BytesIO(data)):
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS):
                 pass
     except Image.DecompressionBombError:
         return

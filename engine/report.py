@@ -13,7 +13,7 @@ from PIL import Image
 from typing import TYPE_CHECKING
 
 from engine.record import item_image
-from training.images import MAX_PIXELS
+from training.images import IMAGE_FORMATS, MAX_PIXELS
 
 if TYPE_CHECKING:
     from engine.duplicates import DuplicateItem
@@ -26,7 +26,7 @@ def thumbnail_uri(path: str | os.PathLike | None) -> str | None:
     if path is None:
         return None
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             image.seek(0)
             image.draft("RGB", (THUMBNAIL * 2, THUMBNAIL * 2))  # a JPEG decodes at a reduced scale
             if image.width * image.height > MAX_PIXELS:  # as the search refuses it: no thumbnail

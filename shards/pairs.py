@@ -24,8 +24,10 @@ CHUNK_PAIRS = 1 << 22  # pairs compared per numpy step: ~100 MiB of temporaries
 
 @dataclass
 class PairCount:
-    """What a search for close pairs did: pairs compared, and the longest run of equal keys (the skew)."""
+    """What a search for close pairs did: codes searched, pairs compared, and the longest run of equal keys (the
+    skew)."""
 
+    items: int = 0
     compared: int = 0
     longest_run: int = 0
 
@@ -82,6 +84,7 @@ def close_pairs(padded: np.ndarray, bits: int, radius: int, count: PairCount | N
         raise InvalidArgumentError(f"padded codes must be uint8 rows of whole 64-bit words, got {padded.shape} "
                                    f"{padded.dtype}")
     count = count if count is not None else PairCount()
+    count.items += len(padded)
     words = np.ascontiguousarray(padded).view(np.uint64)
     keys = substring_keys(padded, bits, radius + 1)
     for part, key in enumerate(keys):

@@ -7,7 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from training.images import BadImage, load_image_bytes
+from engine.fetch import FetchFailed, check_image
+from training.images import BadImage, load_image, load_image_bytes
 
 
 def test_a_png_over_the_limit_is_refused_before_its_pixels_are_read():
@@ -22,3 +23,25 @@ def test_a_png_over_the_limit_is_refused_before_its_pixels_are_read():
     with pytest.raises(BadImage, match="truncated"):
         load_image_bytes(cut, 32, max_pixels=4_000_000)
     assert load_image_bytes(data, 32, max_pixels=4_000_000).float().mean((1, 2)).round().tolist() == [10, 200, 30]
+
+
+@pytest.mark.parametrize("format", ["JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"])  # MPO: a camera's JPEG
+def test_the_photo_formats_decode(format):
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, format=format)
+    assert load_image_bytes(buffer.getvalue(), 32).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("format", ["PPM", "EPS", "TGA", "PCX"])
+def test_other_formats_never_reach_their_decoders(format, tmp_path):
+    """Uploads and fetched URLs are strangers' bytes: only the photo formats' decoders may read them."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, format=format)
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == format  # Pillow itself would read it
+    with pytest.raises(BadImage, match="not a JPEG, PNG, WebP, BMP, TIFF or GIF image"):
+        load_image_bytes(buffer.getvalue(), 32)
+    (tmp_path / "photo.jpg").write_bytes(buffer.getvalue())  # whatever its name says
+    with pytest.raises(BadImage, match="not a JPEG, PNG"):
+        load_image(tmp_path / "photo.jpg", 32)
+    with pytest.raises(FetchFailed, match="not an image file"):
+        check_image(buffer.getvalue(), "https://shop.example/photo.jpg")

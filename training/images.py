@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# The decoders a photo may reach, whatever its name says (JPEG's opens a camera's multi-picture MPO too). Uploads
+# and fetched URLs are strangers' bytes: Pillow's other readers (PSD, EPS through Ghostscript, FITS, ...) never
+# see them.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+READABLE_FORMATS = "JPEG, PNG, WebP, BMP, TIFF or GIF"
 MAX_PIXELS = 50_000_000  # default limit on decoded pixels (a JPEG counts at its reduced scale): ~200 MB decoded
 REDUCING_GAP = 3  # an image this many times the input, or more, is box-reduced first (Pillow: as good as direct)
 STRIP_PIXELS = 1 << 20  # pixels converted at a time while reducing a large image
@@ -134,7 +139,7 @@ def _decode(file: BinaryIO, size: int, max_pixels: int, crop: CropBox | None = N
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # `max_pixels` decides, below
-            with contextlib.closing(Image.open(file)) as image:  # closing frees the decoded pixels
+            with contextlib.closing(Image.open(file, formats=IMAGE_FORMATS)) as image:  # closing frees the pixels
                 image.seek(0)
                 stored = image.size
                 image.draft("RGB", _draft_request(stored, size, crop))  # JPEG: down to 1/8 scale
@@ -150,7 +155,7 @@ def _decode(file: BinaryIO, size: int, max_pixels: int, crop: CropBox | None = N
     except BadImage:
         raise
     except UnidentifiedImageError as error:
-        raise BadImage("UnidentifiedImageError: not an image file Pillow can read") from error
+        raise BadImage(f"UnidentifiedImageError: not a {READABLE_FORMATS} image") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as error:
         raise BadImage(f"{type(error).__name__}: {error}") from error
     return torch.from_numpy(pixels).permute(2, 0, 1)

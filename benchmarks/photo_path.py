@@ -4,10 +4,13 @@
   python benchmarks/photo_path.py --backbone resnet50 --photos 64 --paths eager openvino openvino-bf16
   python benchmarks/photo_path.py --backbone cifar_convnet --input-size 32 --photos 256
   python benchmarks/photo_path.py --model runs/cifar48 --photos 256      # a trained model's answers
+  python benchmarks/photo_path.py --model runs/cifar48 --images ../shared/data/cifar10-sample-png   # real files
 
-Writes `--photos` synthetic 1600x1200 JPEGs (benchmarks/indexing.py's, quality 90) and, per path: build img/s
+Writes `--photos` synthetic 1600x1200 JPEGs (benchmarks/indexing.py's, quality 90), or takes `--images`' files,
+and, per path: build img/s
 (build-index's pipeline for a large job, `engine.encode.encode_files`, decoding included, batch 32: eager in
-one worker process per core, a runtime's path in this process beside one prefetch thread), ms per single
+one worker process per core, a concurrent runtime in one thread per core of this process, each on its own
+stream, any other path in this process beside one prefetch thread), ms per single
 query's encode (batch 1, pre-decoded), GFLOP/s achieved (the backbone's FLOPs, 2 per multiply-add, counted by torch's
 FlopCounterMode) and its fraction of the host's peak, bit agreement with eager, and top-10 overlap with eager:
 two-stage search (Hamming pool of 20, Euclidean re-rank) of each photo among the others, when queries and
@@ -39,7 +42,7 @@ import torch
 
 import common  # noqa: F401
 from common import machine
-from engine.encode import PROCESS_MIN_IMAGES, Encoder, default_workers, encode_files
+from engine.encode import PROCESS_MIN_IMAGES, Encoder, default_streams, default_workers, encode_files
 from engine.inference import PATHS, auto_path
 from indexing import write_photos
 from training.images import list_images, load_image
@@ -47,6 +50,7 @@ from training.model import create_backbone, hashing_net, load_model
 
 PRECISION_FACTOR = {"fp32": 1, "bf16": 2, "int8": 4}
 BATCH = 32  # build-index's batch here: one per worker process at a time
+ONE_STREAM = " (one stream)"  # a row's suffix: `--one-stream`
 
 
 def make_encoder(args: argparse.Namespace) -> Encoder:
@@ -84,12 +88,14 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def build_rate(encoder: Encoder, files: list[Path]) -> tuple[float, float, np.ndarray, np.ndarray]:
+def build_rate(encoder: Encoder, files: list[Path], one_stream: bool = False
+               ) -> tuple[float, float, np.ndarray, np.ndarray]:
     """build-index's pipeline for a large job (batch 32): img/s, images per CPU second, codes and features in
-    file order."""
+    file order. `one_stream`: a concurrent path's calls one at a time beside one prefetch thread instead."""
     workers = default_workers(PROCESS_MIN_IMAGES, torch.device("cpu"), encoder.inference.forks)
+    streams = 1 if one_stream else default_streams(PROCESS_MIN_IMAGES, encoder)
     start, cpu = time.perf_counter(), cpu_seconds()
-    batches = list(encode_files(encoder, files, batch_size=BATCH, workers=workers))
+    batches = list(encode_files(encoder, files, batch_size=BATCH, workers=workers, streams=streams))
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     codes, features = np.concatenate([b.codes for b in batches]), np.concatenate([b.features for b in batches])
     return len(files) / seconds, len(files) / cpu, codes, features
@@ -142,11 +148,16 @@ def measure(args: argparse.Namespace, files: list[Path]) -> dict:
         encoders[name] = base.using(name)
         with torch.inference_mode():
             encoders[name].encode(images[:1])  # conversion / compilation happen at first use
+            if encoders[name].inference.concurrent:  # and for the build's streams
+                encoders[name].inference.in_streams(default_streams(PROCESS_MIN_IMAGES, encoders[name])
+                                                    ).features(images[:2])
         print(f"{name}: ready in {time.perf_counter() - start:.1f}s", flush=True)
+        if args.one_stream and encoders[name].inference.concurrent:
+            encoders[name + ONE_STREAM] = encoders[name]
     rows = {name: dict(build=[], build_cpu=[], query=[], query_cpu=[]) for name in encoders}
     for _ in range(args.rounds):
         for name, encoder in encoders.items():
-            rate, per_cpu, codes, features = build_rate(encoder, files)
+            rate, per_cpu, codes, features = build_rate(encoder, files, one_stream=name.endswith(ONE_STREAM))
             rows[name]["answers"] = (codes, features)
             rows[name]["build"].append(rate)
             rows[name]["build_cpu"].append(per_cpu)
@@ -165,7 +176,7 @@ def summarise(args: argparse.Namespace, measured: dict) -> dict:
     for name, row in rows.items():
         codes, features = row["answers"]
         build, query = statistics.median(row["build"]), statistics.median(row["query"])
-        precision = PATHS[name].precision
+        precision = PATHS[name.removesuffix(ONE_STREAM)].precision
         gflops = build * flops / 1e9
         table[name] = dict(build_img_s=round(build, 2), query_ms=round(query, 2), gflops=round(gflops, 1),
                            build_img_cpu_s=round(statistics.median(row["build_cpu"]), 2),
@@ -185,8 +196,8 @@ def print_table(args: argparse.Namespace, summary: dict, backbone: str) -> None:
     eager = summary["table"]["eager"]
     print(f"\nhost: {machine()}; torch {torch.__version__}; backbone {backbone} at {args.input_size or 'its'} px, "
           f"{summary['gflop_per_image']} GFLOP/image; fp32 peak {summary['peak_fp32_gflops']} GFLOP/s "
-          f"({args.flops_per_cycle} FLOP/cycle/core at {summary['clock_ghz']} GHz); {args.photos} photos "
-          f"1600x1200, {args.rounds} rounds; load average {os.getloadavg()[0]:.1f} (others' work shares the "
+          f"({args.flops_per_cycle} FLOP/cycle/core at {summary['clock_ghz']} GHz); "
+          f"{args.images or f'{args.photos} photos 1600x1200'}, {args.rounds} rounds; load average {os.getloadavg()[0]:.1f} (others' work shares the "
           "cores: per-CPU-second rates hold)")
     print("| path | build img/s | x eager | img per CPU-s | x eager | query ms | / eager | query CPU ms | / eager | "
           "GFLOP/s | of peak | bits agree | top-10 same | top-10 cross |")
@@ -207,16 +218,20 @@ def main() -> None:
     parser.add_argument("--model", help="a trained model directory instead of --backbone (answers)")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--photos", type=int, default=64)
+    parser.add_argument("--images", help="a folder of image files to use instead of synthetic photos")
     parser.add_argument("--queries", type=int, default=30, help="single-photo encodes per path per round")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--paths", nargs="+", default=None,
                         help="default: every path that runs here but compile (minutes of set-up per process, "
                         "measured slower than eager on this host: RESULTS)")
+    parser.add_argument("--one-stream", action="store_true",
+                        help="also build on each concurrent path one call at a time beside one prefetch thread (the "
+                        "pipeline without streams), as a row of its own")
     parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle per core")
     parser.add_argument("--clock-ghz", type=float, help="the clock the peak assumes (default: /proc/cpuinfo's, "
                         "nominal in a VM; a boosting core exceeds that peak)")
     args = parser.parse_args()
-    if args.photos < BATCH * (os.cpu_count() or 1):
+    if not args.images and args.photos < BATCH * (os.cpu_count() or 1):
         parser.error(f"--photos must be at least {BATCH} x cores ({BATCH * (os.cpu_count() or 1)}): fewer leave "
                      "eager's worker processes without a batch each")
     if args.model:
@@ -224,7 +239,7 @@ def main() -> None:
     args.paths = args.paths or [n for n, p in PATHS.items() if n != "compile" and p.unavailable("cpu") is None]
     args.paths = ["eager"] + [n for n in args.paths if n != "eager"]
     with tempfile.TemporaryDirectory() as tmp:
-        files = sorted(list_images(write_photos(Path(tmp), args.photos, 1600, 1200)))
+        files = sorted(list_images(args.images or write_photos(Path(tmp), args.photos, 1600, 1200)))
         measured = measure(args, files)
     summary = summarise(args, measured)
     print_table(args, summary, measured["backbone"])

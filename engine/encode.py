@@ -1,13 +1,16 @@
 """Batch encoding of image files, with decoding kept off the model's critical path.
 
-Three pipelines, picked by device and job size:
-- CPU, large jobs: worker processes that each decode *and* encode whole batches on one thread (data parallel).
-  On a CPU the model and Pillow compete for the same cores; one thread per process never waits at another
-  thread's barrier, so this beats the model's own multi-threading on pre-decoded tensors (benchmarks/RESULTS.md).
-- CUDA, or `workers` asked for with an inference path that has its own thread pool (engine/inference.py: a
-  runtime's threads must not cross a fork): worker processes decode, this process encodes.
-- Small jobs, an inference path with its own thread pool on a CPU (or `workers=0`): one prefetch thread decodes
-  the next batch while this process encodes.
+Four pipelines, picked by device, inference path and job size:
+- CPU, large jobs, eager: worker processes that each decode *and* encode whole batches on one thread (data
+  parallel). On a CPU the model and Pillow compete for the same cores; one thread per process never waits at
+  another thread's barrier, so this beats the model's own multi-threading on pre-decoded tensors
+  (benchmarks/RESULTS.md).
+- CPU, large jobs, a concurrent runtime (engine/inference.py; its threads must not cross a fork): the same data
+  parallelism in threads of this process, one per core, each decoding a batch and then encoding it on its own
+  stream of the runtime (one thread each).
+- CUDA, or `workers` asked for with a runtime's path: worker processes decode, this process encodes.
+- Small jobs, or a runtime that runs one call at a time: one prefetch thread decodes the next batch while this
+  process encodes.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import functools
 import os
 import signal
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -195,6 +199,15 @@ def default_workers(images: int, device: torch.device = torch.device("cpu"), for
     return min(16, max(2, cores)) if device.type == "cpu" else min(8, max(2, cores // 2))
 
 
+def default_streams(images: int, encoder: Encoder) -> int:
+    """Batches that a large CPU job on a concurrent runtime decodes and encodes at once: one per core (1 for
+    small jobs and for other paths). efficientnet_b0 on openvino-bf16 (224 px, 1600x1200 JPEGs): 1.22x the img/s
+    of one prefetch thread beside the runtime's two-thread calls (benchmarks/RESULTS.md, "Photo path")."""
+    if images < PROCESS_MIN_IMAGES or encoder.device.type != "cpu" or not encoder.inference.concurrent:
+        return 1
+    return os.cpu_count() or 1
+
+
 def _encode_batch(encoder: Encoder, batch: DecodedBatch) -> EncodedBatch:
     if batch.images is not None:
         codes, features = encoder.encode(batch.images)
@@ -237,10 +250,35 @@ def _prefetched(batches: _DecodedBatches) -> Iterator[DecodedBatch]:
             yield batch
 
 
+def _in_streams(encoder: Encoder, batches: _DecodedBatches, streams: int) -> Iterator[EncodedBatch]:
+    """Batches decoded and encoded `streams` at a time, each on a thread of this process (Pillow and the
+    runtime release the GIL), yielded in order; at most two per stream are in flight."""
+    encoder = replace(encoder, inference=encoder.inference.in_streams(streams))
+
+    def decode_and_encode(index: int) -> EncodedBatch:
+        with torch.inference_mode():  # per thread
+            return _encode_batch(encoder, batches[index])
+
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(streams) as pool:
+        try:
+            for index in range(len(batches)):
+                pending.append(pool.submit(decode_and_encode, index))
+                if len(pending) == 2 * streams:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # a caller that stops early waits for the batches running, not for the queued ones
+            for future in pending:
+                future.cancel()
+
+
 def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
-                 workers: int | None = None) -> Iterator[EncodedBatch]:
-    """Yield encoded batches in file order; files that fail to decode are reported, never raised."""
+                 workers: int | None = None, streams: int | None = None) -> Iterator[EncodedBatch]:
+    """Yield encoded batches in file order; files that fail to decode are reported, never raised. `workers` and
+    `streams` (default: by job size, device and path) pick the pipeline (the module's docstring)."""
     workers = default_workers(len(files), encoder.device, encoder.inference.forks) if workers is None else workers
+    streams = default_streams(len(files), encoder) if streams is None else streams
     batches = _DecodedBatches(files, encoder.input_size, batch_size)
     die_with_parent = functools.partial(_die_with_parent, os.getpid())
     if workers and encoder.device.type == "cpu" and encoder.inference.forks:
@@ -250,6 +288,8 @@ def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
         for batch in DataLoader(batches, batch_size=None, num_workers=workers, prefetch_factor=4,
                                 worker_init_fn=die_with_parent):
             yield _encode_batch(encoder, batch)
+    elif streams > 1:
+        yield from _in_streams(encoder, batches, streams)
     else:
         for batch in _prefetched(batches):
             yield _encode_batch(encoder, batch)

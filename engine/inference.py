@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import logging
 import threading
 import weakref
@@ -34,17 +35,20 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InferencePath:
-    """One way to compute features. `runtime`: the module it needs besides torch; `cpu_flags`: the units its
-    precision needs (any one of them); `forks`: whether it may run inside the CPU build's forked worker
-    processes (a runtime with its own thread pool must not be used across fork; it runs in this process
-    beside decoding workers instead)."""
+    """One way to compute features. `build(model, streams)`: its features function; `runtime`: the module it
+    needs besides torch; `cpu_flags`: the units its precision needs (any one of them); `forks`: whether it may
+    run inside the CPU build's forked worker processes (a runtime with its own thread pool must not be used
+    across fork); `concurrent`: whether it can be built for `streams` calls at once, each on its share of the
+    cores, so that a large build decodes and encodes a batch per core as eager's forked workers do (the others
+    get streams=1)."""
 
     name: str
     precision: str
-    build: Callable[["HashingNet"], Features | None]
+    build: Callable[["HashingNet", int], Features | None]
     runtime: str | None = None
     cpu_flags: tuple[str, ...] = ()
     forks: bool = False
+    concurrent: bool = False
 
     def unavailable(self, device_type: str) -> str | None:
         """Why this path cannot run here (None if it can)."""
@@ -57,12 +61,12 @@ class InferencePath:
         return None
 
 
-def _eager(_model: "HashingNet") -> None:
+def _eager(_model: "HashingNet", _streams: int) -> None:
     """None: HashingNet.encode runs its own module (channels_last on a CPU), as training and evaluation do."""
     return None
 
 
-def _compiled(model: "HashingNet") -> Features:
+def _compiled(model: "HashingNet", _streams: int) -> Features:
     """torch.compile (inductor) with the weights frozen into the graph as constants, fed channels_last; a second
     batch size recompiles once with the batch axis dynamic (not one compile per size)."""
     import torch
@@ -73,7 +77,7 @@ def _compiled(model: "HashingNet") -> Features:
     return lambda images: compiled(images.contiguous(memory_format=torch.channels_last))
 
 
-def _onnxruntime(model: "HashingNet") -> Features:
+def _onnxruntime(model: "HashingNet", _streams: int) -> Features:
     """ONNX Runtime's CPU provider on the features exported through torch.onnx (batch axis dynamic)."""
     import io
 
@@ -84,32 +88,72 @@ def _onnxruntime(model: "HashingNet") -> Features:
 
     file = io.BytesIO()
     example = torch.zeros(1, 3, model.config.input_size, model.config.input_size, dtype=torch.uint8)
-    torch.onnx.export(FeatureExtractor(model).eval(), (example,), file, input_names=["images"],
-                      output_names=["features"], dynamic_axes={"images": {0: "batch"}}, dynamo=False)
+    with _tracing:
+        torch.onnx.export(FeatureExtractor(model).eval(), (example,), file, input_names=["images"],
+                          output_names=["features"], dynamic_axes={"images": {0: "batch"}}, dynamo=False)
     session = onnxruntime.InferenceSession(file.getvalue(), providers=["CPUExecutionProvider"])
     return lambda images: torch.from_numpy(session.run(None, {"images": _numpy(images)})[0]).to(images.device)
 
 
-def _openvino(precision: str) -> Callable[["HashingNet"], Features]:
+def _openvino(precision: str) -> Callable[["HashingNet", int], Features]:
     """OpenVINO's CPU plugin at `precision` (its inference precision hint: f32, or bf16 on AVX512-BF16/AMX
-    units, which keeps fp32 where its graph transformations judge bf16 unsafe)."""
-    def build(model: "HashingNet") -> Features:
-        import openvino
-        import torch
-
-        compiled = openvino.Core().compile_model(_openvino_graph(model), "CPU",
-                                                 {"INFERENCE_PRECISION_HINT": precision})
-        requests = threading.local()  # an infer request serves one call at a time: one per calling thread
-
-        def features(images: torch.Tensor) -> torch.Tensor:
-            if not hasattr(requests, "request"):
-                requests.request = compiled.create_infer_request()
-            return torch.from_numpy(requests.request.infer([_numpy(images)])[0].copy()).to(images.device)
-        return features
+    units, which keeps fp32 where its graph transformations judge bf16 unsafe). A single photo runs on the graph
+    fixed at batch 1: 4.80 against 5.33 ms on the dynamic one (efficientnet_b0, bf16, AVX-512 EPYC, interleaved
+    medians). `streams` > 1 compiles for that many calls at once, each on its share of the cores."""
+    def build(model: "HashingNet", streams: int) -> Features:
+        config: dict = {"INFERENCE_PRECISION_HINT": precision}
+        graph = _openvino_graph(model)
+        if streams > 1:
+            return _Lanes(graph, config | {"INFERENCE_NUM_THREADS": 1, "ENABLE_CPU_PINNING": False}, streams)
+        batched = _OpenVinoGraph(graph, config)
+        one = graph.clone()
+        one.reshape([1, *graph.input().get_partial_shape()[1:]])
+        single = _OpenVinoGraph(one, config)
+        return lambda images: (single if len(images) == 1 else batched)(images)
     return build
 
 
+class _OpenVinoGraph:
+    """A graph compiled at its first call (a service that never sees a single photo never compiles the batch-1
+    graph); an infer request serves one call at a time, so each calling thread has its own."""
+
+    def __init__(self, graph: "openvino.Model", config: dict):
+        self.graph, self.config = graph, config
+        self._compiled = None
+        self._lock = threading.Lock()
+        self._requests = threading.local()
+
+    def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        if not hasattr(self._requests, "request"):
+            with self._lock:
+                if self._compiled is None:
+                    import openvino
+
+                    self._compiled = openvino.Core().compile_model(self.graph, "CPU", self.config)
+            self._requests.request = self._compiled.create_infer_request()
+        return torch.from_numpy(self._requests.request.infer([_numpy(images)])[0].copy()).to(images.device)
+
+
+class _Lanes:
+    """`count` compilations of a graph on one thread each, every calling thread bound to one of them in turn:
+    what OpenVINO's own streams (PERFORMANCE_HINT THROUGHPUT) should do, but with a second compiled model in the
+    process they ran at times on one core between them (resnet50: 12-24 img/s instead of 23-45)."""
+
+    def __init__(self, graph: "openvino.Model", config: dict, count: int):
+        self._lanes = [_OpenVinoGraph(graph, config) for _ in range(count)]
+        self._turn = itertools.count()
+        self._mine = threading.local()
+
+    def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
+        if not hasattr(self._mine, "lane"):  # consecutive threads get different lanes
+            self._mine.lane = self._lanes[next(self._turn) % len(self._lanes)]
+        return self._mine.lane(images)
+
+
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its OpenVINO graph
+_tracing = threading.Lock()  # torch's tracer is not thread-safe (a service's warm-up thread, a search): one at a time
 
 
 def _openvino_graph(model: "HashingNet") -> "openvino.Model":
@@ -120,12 +164,13 @@ def _openvino_graph(model: "HashingNet") -> "openvino.Model":
 
     from training.model import FeatureExtractor
 
-    if model not in _graphs:
-        size = model.config.input_size
-        example = torch.zeros(1, 3, size, size, dtype=torch.uint8)
-        _graphs[model] = openvino.convert_model(FeatureExtractor(model).eval(), example_input=example,
-                                                input=[(-1, 3, size, size)])
-    return _graphs[model]
+    with _tracing:
+        if model not in _graphs:
+            size = model.config.input_size
+            example = torch.zeros(1, 3, size, size, dtype=torch.uint8)
+            _graphs[model] = openvino.convert_model(FeatureExtractor(model).eval(), example_input=example,
+                                                    input=[(-1, 3, size, size)])
+        return _graphs[model]
 
 
 def _numpy(images: "torch.Tensor"):
@@ -138,19 +183,21 @@ PATHS = {path.name: path for path in (
     InferencePath("eager", "fp32", _eager, forks=True),
     InferencePath("compile", "fp32", _compiled),
     InferencePath("onnxruntime", "fp32", _onnxruntime, runtime="onnxruntime"),
-    InferencePath("openvino", "fp32", _openvino("f32"), runtime="openvino"),
-    InferencePath("openvino-bf16", "bf16", _openvino("bf16"), runtime="openvino", cpu_flags=BF16_UNITS),
+    InferencePath("openvino", "fp32", _openvino("f32"), runtime="openvino", concurrent=True),
+    InferencePath("openvino-bf16", "bf16", _openvino("bf16"), runtime="openvino", cpu_flags=BF16_UNITS,
+                  concurrent=True),
 )}
 PATH_CHOICES = ("auto", *PATHS)
 
 # What `auto` runs per backbone family at an input size of at least AUTO_MIN_INPUT_SIZE: the first path of its row
 # that can run here, else eager. Measured side by side with eager by benchmarks/photo_path.py on a 2 vCPU EPYC
-# with AVX-512 and AVX512-BF16, no AMX, 224 px (benchmarks/RESULTS.md, "Photo path"): openvino-bf16 built resnet50
-# 2.6x, efficientnet_b0 2.2-3.2x and convnext_tiny 3.3x as many images per second as eager (decoding included)
-# and encoded a single photo in 0.26-0.50 of its time, top-10 results 0.997-1.000 the same. Hosts without bf16
-# units were not measured, so there the rows find nothing and eager runs; so do smaller inputs (at 32 px the
-# runtimes built 0.65-0.80x as fast: decoding dominates, and a runtime decodes on one thread) and the families
-# not measured.
+# with AVX-512 and AVX512-BF16, no AMX, 224 px (benchmarks/RESULTS.md, "Photo path"), build-index decoding and
+# encoding a batch per core: openvino-bf16 built efficientnet_b0 2.9-3.1x, resnet50 2.7x and convnext_tiny 2.3x as
+# many images per second as eager (decoding included) and encoded a single photo in 0.29-0.42 of its time, top-10
+# results 0.996-1.000 the same. Hosts without bf16 units were not measured, so there the rows find nothing and eager
+# runs; so do the families not measured and smaller inputs: the runtime now builds those faster too (cifar_convnet
+# at 32 px 1.35-1.98x, resnet18 at 64 px 1.68x), but with OpenVINO in every test process (auto on the CIFAR test
+# model) the suite's process died of SIGSEGV spawning a subprocess, which must be understood first.
 AUTO_TABLE: dict[str, tuple[str, ...]] = {
     "convnext": ("openvino-bf16",),
     "efficientnet": ("openvino-bf16",),
@@ -191,11 +238,13 @@ def runnable(name: str, device_type: str) -> str:
 
 class Inference:
     """A path for one model, built on first use in the process that uses it: a forked worker or a Ray actor
-    (which gets it pickled, without what was built) builds its own, as runtimes' sessions cannot cross either."""
+    (which gets it pickled, without what was built) builds its own, as runtimes' sessions cannot cross either.
+    `streams`: calls it serves at once (a concurrent path only)."""
 
-    def __init__(self, name: str = "eager", model: "HashingNet | None" = None):
-        self.name, self.model = name, model
+    def __init__(self, name: str = "eager", model: "HashingNet | None" = None, streams: int = 1):
+        self.name, self.model, self.streams = name, model, streams
         self._built: tuple[Features | None] | None = None
+        self._variants: dict[int, Inference] = {}  # by streams, built once per process
         self._lock = threading.Lock()
 
     @property
@@ -203,15 +252,26 @@ class Inference:
         return PATHS[self.name].forks
 
     @property
+    def concurrent(self) -> bool:
+        return PATHS[self.name].concurrent
+
+    def in_streams(self, streams: int) -> Inference:
+        """This path for `streams` calls at once (compiled for them at its first use, then kept)."""
+        if not self.concurrent:
+            raise ValueError(f"inference path {self.name} runs one call at a time")
+        with self._lock:
+            return self._variants.setdefault(streams, Inference(self.name, self.model, streams))
+
+    @property
     def features(self) -> Features | None:
         """uint8 images -> features on this path (None: the model's own module, eager)."""
         with self._lock:
             if self._built is None:
-                self._built = (PATHS[self.name].build(self.model),)
+                self._built = (PATHS[self.name].build(self.model, self.streams),)
             return self._built[0]
 
     def __getstate__(self) -> dict:
-        return {"name": self.name, "model": self.model}
+        return {"name": self.name, "model": self.model, "streams": self.streams}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

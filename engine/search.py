@@ -109,6 +109,19 @@ class Searcher:
                 self._encoder = encoder
             return self._encoder
 
+    def warm_up(self) -> bool:
+        """Load the model and run one photo and one batch through it, so that the first searches by photo wait
+        for neither (a runtime converts and compiles each graph at its first use: seconds). False where the
+        catalog names no model and none was given."""
+        if self._model_dir is None and (self.record is None or self.record.model_dir is None):
+            return False
+        encoder = self.encoder
+        blank = torch.zeros(2, 3, encoder.input_size, encoder.input_size, dtype=torch.uint8)
+        with torch.inference_mode():
+            encoder.encode(blank[:1])
+            encoder.encode(blank)
+        return True
+
     @property
     def inference_path(self) -> str:
         """How queries' images are encoded (engine/inference.py): the loaded encoder's path, else the one loading

@@ -81,8 +81,8 @@ def test_a_missing_runtime_falls_back_to_eager_with_one_line(trained_model, monk
 def test_auto_follows_the_measured_table(trained_model):
     bf16_here = PATHS["openvino-bf16"].unavailable("cpu") is None
     assert auto_path("resnet50", 224, "cpu") == ("openvino-bf16" if bf16_here else "eager")
-    assert auto_path("resnet18", 64, "cpu") == "eager"  # smaller inputs: decode-bound, measured slower
-    assert auto_path("cifar_convnet_small", 224, "cpu") == "eager"  # a family not measured to gain
+    assert auto_path("resnet18", 64, "cpu") == "eager"  # smaller inputs: not yet (engine/inference.py, AUTO_TABLE)
+    assert auto_path("cifar_convnet_small", 224, "cpu") == "eager"  # a family not in the table
     assert Encoder(load_model(trained_model)).using("auto").inference.name == "eager"
 
 
@@ -126,18 +126,31 @@ def test_the_catalog_records_its_path_and_queries_by_another_find_the_same(image
         by_eager = searcher.search_codes(*load_encoder(catalog, inference_path="eager").encode(queries), k=10)
     overlap = np.mean([len({r.id for r in a} & {r.id for r in b}) / 10 for a, b in zip(recorded, by_eager)])
     assert overlap >= 0.9
-    with TestClient(create_app(Service(catalog))) as client:
-        assert client.get("/healthz").json()["inference_path"] == name
+    service = Service(catalog)
+    with TestClient(create_app(service)) as client:
+        assert service.model_ready.wait(60)  # loaded and compiled at start, not at the first photo search
+        assert service.searcher.encoder.inference._built is not None
+        health = client.get("/healthz").json()
+        assert health["inference_path"] == name and health["model_ready"] is True
 
 
-def test_encoding_in_workers_equals_this_process(image_folder, trained_model):
-    """The CPU pipeline forks: eager encodes in the workers, a runtime's path beside decoding workers."""
+def test_encoding_in_workers_or_streams_equals_this_process(image_folder, trained_model):
+    """The CPU pipelines: eager encodes in forked workers, a runtime's path beside decoding workers, a concurrent
+    runtime a batch per stream in threads of this process; each gives the prefetch pipeline's answers, in order."""
     files = sorted(list_images(image_folder))
     for name in RUNNING_HERE:
         encoder = Encoder(load_model(trained_model)).using(name)
-        alone = np.concatenate([b.codes for b in encode_files(encoder, files, batch_size=16, workers=0)])
+        alone = list(encode_files(encoder, files, batch_size=16, workers=0, streams=1))
+        alone_codes, alone_features = (np.concatenate([b.codes for b in alone]),
+                                       np.concatenate([b.features for b in alone]))
         forked = np.concatenate([b.codes for b in encode_files(encoder, files, batch_size=16, workers=2)])
-        assert np.array_equal(alone, forked), name
+        assert np.array_equal(alone_codes, forked), name
+        if encoder.inference.concurrent:
+            in_streams = list(encode_files(encoder, files, batch_size=7, workers=0, streams=2))
+            assert [p for b in in_streams for p in b.positions] == list(range(len(files)))
+            features = np.concatenate([b.features for b in in_streams])
+            assert relative_error(features, alone_features) < FEATURE_ERROR[PATHS[name].precision], name
+            assert encoder.inference.in_streams(2) is encoder.inference.in_streams(2)  # compiled once
 
 
 def test_a_record_names_a_known_path(tmp_path):
@@ -147,3 +160,20 @@ def test_a_record_names_a_known_path(tmp_path):
     (tmp_path / "engine.json").write_text(json.dumps({"inference_path": "warp"}))
     with pytest.raises(CatalogError, match="inference_path must be one of eager, compile"):
         read_record(tmp_path)
+
+
+def test_a_code_maker_is_fitted_on_the_features_of_the_catalogs_path(image_folder, trained_model, tmp_path,
+                                                                     monkeypatch):
+    name = "openvino-bf16" if "openvino-bf16" in RUNNING_HERE else "eager"
+    paths_used = []
+    encode_files_itself = encode_files
+
+    def watched(encoder, *args, **kwargs):
+        paths_used.append(encoder.inference.name)
+        return encode_files_itself(encoder, *args, **kwargs)
+
+    monkeypatch.setattr("engine.encode.encode_files", watched)
+    build_index(image_folder, trained_model, tmp_path / "c", progress=False, codes="itq", code_bits=16,
+                inference_path=name)
+    assert paths_used and set(paths_used) == {name}  # fitting, then indexing
+    assert read_record(tmp_path / "c").inference_path == name

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from engine.api.service import Service
 from engine.build_index import build_index
 from engine.export import export_catalog, import_hdf5
 from engine.search import Searcher
@@ -46,6 +47,9 @@ def test_an_exported_catalog_answers_exactly_as_the_original(codes, image_folder
             [[(r.id, r.hamming, r.distance) for r in rs] for rs in b.search(queries, k=5)]
     some_id = next(iter(Searcher(tmp_path / "bare").catalog)).id
     result = cli("engine.query", ["--catalog", tmp_path / "bare", "--id", some_id], cli_env)  # needs no model
+    bare = Service(tmp_path / "bare", read_only=True)
+    bare.close()  # after its start's warm-up, which finds no model to load
+    assert not bare.model_ready.is_set()
     assert result.returncode == 0, result.stderr
     result = cli("engine.query", ["--catalog", tmp_path / "bare", queries[0]], cli_env)
     assert result.returncode == 2 and "pass --model MODEL_DIR" in result.stderr and "backbone" in result.stderr

@@ -5,6 +5,7 @@ HTTP statuses."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 import threading
@@ -28,6 +29,8 @@ from shards import Catalog
 from shards.filters import Filter, stored_label
 from training.cli import STORAGE_ERRORS
 from training.images import MAX_PIXELS, CropBox
+
+log = logging.getLogger(__name__)
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # LMDB reports a short write to a full disk as EIO
 
@@ -130,6 +133,18 @@ class Service:
         self.metrics.items.set(len(self.searcher.catalog))
         self.batcher = None if batching is None else EncodeBatcher(  # None: each photo encodes alone
             lambda pixels: self.searcher.encoder.encode(pixels), batching, self.metrics.batch_sizes.observe)
+        self.model_ready = threading.Event()
+        self._warming = threading.Thread(target=self._warm_up, name="model-warm-up", daemon=True)
+        self._warming.start()
+
+    def _warm_up(self) -> None:
+        """The model loaded and compiled while the service starts answering (searches by id need none; a photo
+        search that comes first waits for it). A failure here is the photo searches' to report."""
+        try:
+            if self.searcher.warm_up():
+                self.model_ready.set()
+        except Exception as error:  # noqa: BLE001 - any load failure: the first photo search raises it again
+            log.warning("the model did not load at start (%s): searches by photo will report it", error)
 
     @property
     def image_roots(self) -> list[str]:
@@ -137,6 +152,7 @@ class Service:
         return self.searcher.record.image_roots if self.searcher.record is not None else []
 
     def close(self) -> None:
+        self._warming.join()
         if self.batcher is not None:
             self.batcher.close()
         with self.lock.writing():

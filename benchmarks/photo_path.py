@@ -93,7 +93,7 @@ def build_rate(encoder: Encoder, files: list[Path], one_stream: bool = False
     """build-index's pipeline for a large job (batch 32): img/s, images per CPU second, codes and features in
     file order. `one_stream`: a concurrent path's calls one at a time beside one prefetch thread instead."""
     workers = default_workers(PROCESS_MIN_IMAGES, torch.device("cpu"), encoder.inference.forks)
-    streams = 1 if one_stream else default_streams(PROCESS_MIN_IMAGES, encoder)
+    streams = 1 if one_stream else default_streams(PROCESS_MIN_IMAGES, encoder, BATCH)
     start, cpu = time.perf_counter(), cpu_seconds()
     batches = list(encode_files(encoder, files, batch_size=BATCH, workers=workers, streams=streams))
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
@@ -147,9 +147,10 @@ def measure(args: argparse.Namespace, files: list[Path]) -> dict:
         start = time.perf_counter()
         encoders[name] = base.using(name)
         with torch.inference_mode():
-            encoders[name].encode(images[:1])  # conversion / compilation happen at first use
-            if encoders[name].inference.concurrent:  # and for the build's streams
-                encoders[name].inference.in_streams(default_streams(PROCESS_MIN_IMAGES, encoders[name])
+            encoders[name].encode(images[:1])  # conversion / compilation happen at first use: one photo's graph,
+            encoders[name].encode(images[:2])  # a batch's,
+            if encoders[name].inference.concurrent:  # and the build's streams (all compiled when built)
+                encoders[name].inference.in_streams(default_streams(PROCESS_MIN_IMAGES, encoders[name], BATCH)
                                                     ).features(images[:2])
         print(f"{name}: ready in {time.perf_counter() - start:.1f}s", flush=True)
         if args.one_stream and encoders[name].inference.concurrent:
@@ -197,8 +198,8 @@ def print_table(args: argparse.Namespace, summary: dict, backbone: str) -> None:
     print(f"\nhost: {machine()}; torch {torch.__version__}; backbone {backbone} at {args.input_size or 'its'} px, "
           f"{summary['gflop_per_image']} GFLOP/image; fp32 peak {summary['peak_fp32_gflops']} GFLOP/s "
           f"({args.flops_per_cycle} FLOP/cycle/core at {summary['clock_ghz']} GHz); "
-          f"{args.images or f'{args.photos} photos 1600x1200'}, {args.rounds} rounds; load average {os.getloadavg()[0]:.1f} (others' work shares the "
-          "cores: per-CPU-second rates hold)")
+          f"{args.images or f'{args.photos} photos 1600x1200'}, {args.rounds} rounds; load average "
+          f"{os.getloadavg()[0]:.1f} (others' work shares the cores: per-CPU-second rates hold)")
     print("| path | build img/s | x eager | img per CPU-s | x eager | query ms | / eager | query CPU ms | / eager | "
           "GFLOP/s | of peak | bits agree | top-10 same | top-10 cross |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")

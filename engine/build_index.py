@@ -357,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=bounded_int(1), default=256)
     parser.add_argument("--workers", type=bounded_int(0), default=None,
                         help="worker processes; on a CPU each decodes and encodes whole batches on one thread, "
-                        "beside a GPU they decode; 0 = one prefetch thread (default: 0 under 512 images, else "
-                        "one per core on a CPU, half the cores beside a GPU); with --ray, the actors that "
-                        "decode and encode (default: one per GPU of the cluster, else one per CPU)")
+                        "beside a GPU or an OpenVINO path they decode; 0 = none: one prefetch thread, or on "
+                        "OpenVINO from 512 images a thread per core that decodes and encodes a batch (default: 0 "
+                        "under 512 images or on OpenVINO, else one per core on a CPU, half the cores beside a "
+                        "GPU); with --ray, the actors that decode and encode (default: one per GPU of the "
+                        "cluster, else one per CPU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--prune", action="store_true", help="remove items whose image files are gone")
     parser.add_argument("--codes", choices=CODES, default=None,

@@ -191,21 +191,23 @@ PROCESS_MIN_IMAGES = 512  # fewer images: worker processes' start-up (~0.15 s) c
 def default_workers(images: int, device: torch.device = torch.device("cpu"), forks: bool = True) -> int:
     """Worker processes for a job of `images` files: none for small jobs; on a CPU one per core (each encodes
     on one thread), beside a GPU half the cores (they only decode), at least 2. None either for an inference
-    path that does not fork (`Inference.forks`): its runtime's threads encode while one prefetch thread decodes,
-    measured faster than decoding processes beside them (benchmarks/RESULTS.md, "Inference paths")."""
+    path that does not fork (`Inference.forks`): a concurrent runtime decodes and encodes in threads of this
+    process (`default_streams`), another encodes while one prefetch thread decodes, both measured faster than
+    decoding processes beside them (benchmarks/RESULTS.md, "Inference paths")."""
     if images < PROCESS_MIN_IMAGES or not forks:
         return 0
     cores = os.cpu_count() or 1
     return min(16, max(2, cores)) if device.type == "cpu" else min(8, max(2, cores // 2))
 
 
-def default_streams(images: int, encoder: Encoder) -> int:
-    """Batches that a large CPU job on a concurrent runtime decodes and encodes at once: one per core (1 for
-    small jobs and for other paths). efficientnet_b0 on openvino-bf16 (224 px, 1600x1200 JPEGs): 1.22x the img/s
-    of one prefetch thread beside the runtime's two-thread calls (benchmarks/RESULTS.md, "Photo path")."""
+def default_streams(images: int, encoder: Encoder, batch_size: int) -> int:
+    """Batches that a large CPU job on a concurrent runtime decodes and encodes at once: one per core, as many
+    as 16 and no more than the job's batches (each gets the cores / streams threads); 1 for small jobs and other
+    paths. efficientnet_b0 on openvino-bf16 (224 px, 1600x1200 JPEGs, 2 cores): 1.29x the img/s of one prefetch
+    thread beside the runtime's two-thread calls (benchmarks/RESULTS.md, "Photo path")."""
     if images < PROCESS_MIN_IMAGES or encoder.device.type != "cpu" or not encoder.inference.concurrent:
         return 1
-    return os.cpu_count() or 1
+    return max(1, min(16, os.cpu_count() or 1, -(-images // batch_size)))
 
 
 def _encode_batch(encoder: Encoder, batch: DecodedBatch) -> EncodedBatch:
@@ -276,9 +278,10 @@ def _in_streams(encoder: Encoder, batches: _DecodedBatches, streams: int) -> Ite
 def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
                  workers: int | None = None, streams: int | None = None) -> Iterator[EncodedBatch]:
     """Yield encoded batches in file order; files that fail to decode are reported, never raised. `workers` and
-    `streams` (default: by job size, device and path) pick the pipeline (the module's docstring)."""
+    `streams` (default: by job size, device and path; streams apply to a concurrent path only) pick the pipeline
+    (the module's docstring)."""
     workers = default_workers(len(files), encoder.device, encoder.inference.forks) if workers is None else workers
-    streams = default_streams(len(files), encoder) if streams is None else streams
+    streams = default_streams(len(files), encoder, batch_size) if streams is None else streams
     batches = _DecodedBatches(files, encoder.input_size, batch_size)
     die_with_parent = functools.partial(_die_with_parent, os.getpid())
     if workers and encoder.device.type == "cpu" and encoder.inference.forks:
@@ -288,7 +291,7 @@ def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
         for batch in DataLoader(batches, batch_size=None, num_workers=workers, prefetch_factor=4,
                                 worker_init_fn=die_with_parent):
             yield _encode_batch(encoder, batch)
-    elif streams > 1:
+    elif streams > 1 and encoder.inference.concurrent:
         yield from _in_streams(encoder, batches, streams)
     else:
         for batch in _prefetched(batches):

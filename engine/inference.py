@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import itertools
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -99,12 +100,14 @@ def _openvino(precision: str) -> Callable[["HashingNet", int], Features]:
     """OpenVINO's CPU plugin at `precision` (its inference precision hint: f32, or bf16 on AVX512-BF16/AMX
     units, which keeps fp32 where its graph transformations judge bf16 unsafe). A single photo runs on the graph
     fixed at batch 1: 4.80 against 5.33 ms on the dynamic one (efficientnet_b0, bf16, AVX-512 EPYC, interleaved
-    medians). `streams` > 1 compiles for that many calls at once, each on its share of the cores."""
+    medians). `streams` > 1 compiles the graph once per stream, each on its share of the cores, compiled at once
+    (a build uses them all)."""
     def build(model: "HashingNet", streams: int) -> Features:
         config: dict = {"INFERENCE_PRECISION_HINT": precision}
         graph = _openvino_graph(model)
         if streams > 1:
-            return _Lanes(graph, config | {"INFERENCE_NUM_THREADS": 1, "ENABLE_CPU_PINNING": False}, streams)
+            threads = max(1, (os.cpu_count() or 1) // streams)
+            return _Lanes(graph, config | {"INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}, streams)
         batched = _OpenVinoGraph(graph, config)
         one = graph.clone()
         one.reshape([1, *graph.input().get_partial_shape()[1:]])
@@ -123,16 +126,19 @@ class _OpenVinoGraph:
         self._lock = threading.Lock()
         self._requests = threading.local()
 
+    def compiled(self) -> "openvino.CompiledModel":
+        with self._lock:
+            if self._compiled is None:
+                import openvino
+
+                self._compiled = openvino.Core().compile_model(self.graph, "CPU", self.config)
+            return self._compiled
+
     def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
         import torch
 
         if not hasattr(self._requests, "request"):
-            with self._lock:
-                if self._compiled is None:
-                    import openvino
-
-                    self._compiled = openvino.Core().compile_model(self.graph, "CPU", self.config)
-            self._requests.request = self._compiled.create_infer_request()
+            self._requests.request = self.compiled().create_infer_request()
         return torch.from_numpy(self._requests.request.infer([_numpy(images)])[0].copy()).to(images.device)
 
 
@@ -143,6 +149,8 @@ class _Lanes:
 
     def __init__(self, graph: "openvino.Model", config: dict, count: int):
         self._lanes = [_OpenVinoGraph(graph, config) for _ in range(count)]
+        for lane in self._lanes:
+            lane.compiled()
         self._turn = itertools.count()
         self._mine = threading.local()
 
@@ -153,7 +161,9 @@ class _Lanes:
 
 
 _graphs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its OpenVINO graph
-_tracing = threading.Lock()  # torch's tracer is not thread-safe (a service's warm-up thread, a search): one at a time
+_tracing = threading.Lock()  # torch's tracer is not thread-safe: two Inferences of one model (a query's, a
+# build's streams variant) or of two models trace one at a time (torch.compile, which compiles at its first call,
+# is not covered)
 
 
 def _openvino_graph(model: "HashingNet") -> "openvino.Model":
@@ -192,8 +202,8 @@ PATH_CHOICES = ("auto", *PATHS)
 # What `auto` runs per backbone family at an input size of at least AUTO_MIN_INPUT_SIZE: the first path of its row
 # that can run here, else eager. Measured side by side with eager by benchmarks/photo_path.py on a 2 vCPU EPYC
 # with AVX-512 and AVX512-BF16, no AMX, 224 px (benchmarks/RESULTS.md, "Photo path"), build-index decoding and
-# encoding a batch per core: openvino-bf16 built efficientnet_b0 2.9-3.1x, resnet50 2.7x and convnext_tiny 2.3x as
-# many images per second as eager (decoding included) and encoded a single photo in 0.29-0.42 of its time, top-10
+# encoding a batch per core: openvino-bf16 built efficientnet_b0 2.9-3.1x, resnet50 2.7x and convnext_tiny 2.3-2.4x as
+# many images per second as eager (decoding included) and encoded a single photo in 0.29-0.47 of its time, top-10
 # results 0.996-1.000 the same. Hosts without bf16 units were not measured, so there the rows find nothing and eager
 # runs; so do the families not measured and smaller inputs: the runtime now builds those faster too (cifar_convnet
 # at 32 px 1.35-1.98x, resnet18 at 64 px 1.68x), but with OpenVINO in every test process (auto on the CIFAR test
@@ -259,6 +269,8 @@ class Inference:
         """This path for `streams` calls at once (compiled for them at its first use, then kept)."""
         if not self.concurrent:
             raise ValueError(f"inference path {self.name} runs one call at a time")
+        if streams == self.streams:
+            return self
         with self._lock:
             return self._variants.setdefault(streams, Inference(self.name, self.model, streams))
 

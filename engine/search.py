@@ -109,6 +109,10 @@ class Searcher:
                 self._encoder = encoder
             return self._encoder
 
+    @property
+    def model_loaded(self) -> bool:
+        return self._encoder is not None
+
     def warm_up(self) -> bool:
         """Load the model and run one photo and one batch through it, so that the first searches by photo wait
         for neither (a runtime converts and compiles each graph at its first use: seconds). False where the

@@ -128,7 +128,8 @@ def test_the_catalog_records_its_path_and_queries_by_another_find_the_same(image
     assert overlap >= 0.9
     service = Service(catalog)
     with TestClient(create_app(service)) as client:
-        assert service.model_ready.wait(60)  # loaded and compiled at start, not at the first photo search
+        service._warming.join(60)  # loaded and compiled at start, not at the first photo search
+        assert service.model_ready
         assert service.searcher.encoder.inference._built is not None
         health = client.get("/healthz").json()
         assert health["inference_path"] == name and health["model_ready"] is True
@@ -151,6 +152,9 @@ def test_encoding_in_workers_or_streams_equals_this_process(image_folder, traine
             features = np.concatenate([b.features for b in in_streams])
             assert relative_error(features, alone_features) < FEATURE_ERROR[PATHS[name].precision], name
             assert encoder.inference.in_streams(2) is encoder.inference.in_streams(2)  # compiled once
+            stopped = encode_files(encoder, files, batch_size=2, workers=0, streams=2)
+            assert next(stopped).positions == [0, 1]
+            stopped.close()  # a caller that stops early: the queued batches are dropped, nothing hangs
 
 
 def test_a_record_names_a_known_path(tmp_path):

@@ -49,7 +49,7 @@ def test_an_exported_catalog_answers_exactly_as_the_original(codes, image_folder
     result = cli("engine.query", ["--catalog", tmp_path / "bare", "--id", some_id], cli_env)  # needs no model
     bare = Service(tmp_path / "bare", read_only=True)
     bare.close()  # after its start's warm-up, which finds no model to load
-    assert not bare.model_ready.is_set()
+    assert not bare.model_ready
     assert result.returncode == 0, result.stderr
     result = cli("engine.query", ["--catalog", tmp_path / "bare", queries[0]], cli_env)
     assert result.returncode == 2 and "pass --model MODEL_DIR" in result.stderr and "backbone" in result.stderr

@@ -101,17 +101,22 @@ def test_a_file_cut_short_is_refused_by_readers_and_writers_without_crashing(tmp
 
 def test_forked_children_never_hold_the_writer_lock(tmp_path):
     writer = Catalog.open(make_catalog(tmp_path / "c"), readonly=False)
+    started, started_here = os.pipe()
     child = os.fork()
     if child == 0:  # a decoding worker that lives on (or an orphan whose parent was killed)
+        os.write(started_here, b"1")  # running: the at-fork handler has let go of the lock
         time.sleep(30)
         os._exit(0)
     try:
+        os.read(started, 1)  # not in the instant between fork and the child's handler, which nothing can close
         writer.close()
         with Catalog.open(tmp_path / "c", readonly=False) as again:  # the child's copy of the lock is gone
             assert len(again) == 3000
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+        os.close(started)
+        os.close(started_here)
 
 
 def alive(pid: int) -> bool:

@@ -225,7 +225,7 @@ def duplicates(parameters: DUPLICATE_PARAMETERS, service: SERVICE):
 def healthz(service: SERVICE):
     catalog = service.searcher.catalog
     return {"status": "ok", "items": len(catalog), "bits": catalog.bits, "model": catalog.manifest.model_fingerprint,
-            "inference_path": service.searcher.inference_path, "model_ready": service.model_ready.is_set()}
+            "inference_path": service.searcher.inference_path, "model_ready": service.model_ready}
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,  # errors are JSON all the same

@@ -62,8 +62,9 @@ class Health(BaseModel):
     model: str | None = Field(description="fingerprint of the model that made the catalog's codes")
     inference_path: str = Field(description="how queries' images are encoded (engine/inference.py: eager, "
                                 "openvino-bf16, ...)")
-    model_ready: bool = Field(description="whether the model is loaded and compiled for searches by photo (false "
-                              "while it loads at start, and where the catalog names no model)")
+    model_ready: bool = Field(description="whether the model is loaded for searches by photo (the service loads "
+                              "and compiles it while it starts; false until then, and where the catalog names no "
+                              "model)")
 
 
 def errors(*codes: int) -> dict:

@@ -31,6 +31,7 @@ from training.cli import STORAGE_ERRORS
 from training.images import MAX_PIXELS, CropBox
 
 log = logging.getLogger(__name__)
+WARM_UP_WAIT = 10  # seconds close() gives a model still loading at start
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)  # LMDB reports a short write to a full disk as EIO
 
@@ -133,7 +134,7 @@ class Service:
         self.metrics.items.set(len(self.searcher.catalog))
         self.batcher = None if batching is None else EncodeBatcher(  # None: each photo encodes alone
             lambda pixels: self.searcher.encoder.encode(pixels), batching, self.metrics.batch_sizes.observe)
-        self.model_ready = threading.Event()
+        self._warmed = threading.Event()
         self._warming = threading.Thread(target=self._warm_up, name="model-warm-up", daemon=True)
         self._warming.start()
 
@@ -142,7 +143,7 @@ class Service:
         search that comes first waits for it). A failure here is the photo searches' to report."""
         try:
             if self.searcher.warm_up():
-                self.model_ready.set()
+                self._warmed.set()
         except Exception as error:  # noqa: BLE001 - any load failure: the first photo search raises it again
             log.warning("the model did not load at start (%s): searches by photo will report it", error)
 
@@ -151,8 +152,13 @@ class Service:
         """Folders whose images items may show (the catalog's record; an add extends it with the uploads')."""
         return self.searcher.record.image_roots if self.searcher.record is not None else []
 
+    @property
+    def model_ready(self) -> bool:
+        """Whether searches by photo find the model loaded: warmed up at start, or loaded by a search since."""
+        return self._warmed.is_set() or self.searcher.model_loaded
+
     def close(self) -> None:
-        self._warming.join()
+        self._warming.join(WARM_UP_WAIT)  # a start still compiling is not waited for: the thread only reads the model
         if self.batcher is not None:
             self.batcher.close()
         with self.lock.writing():

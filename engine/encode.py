@@ -7,7 +7,7 @@ Four pipelines, picked by device, inference path and job size:
   (benchmarks/RESULTS.md).
 - CPU, large jobs, a concurrent runtime (engine/inference.py; its threads must not cross a fork): the same data
   parallelism in threads of this process, one per core, each decoding a batch and then encoding it on its own
-  stream of the runtime (one thread each).
+  compilation of the graph (cores / streams threads each).
 - CUDA, or `workers` asked for with a runtime's path: worker processes decode, this process encodes.
 - Small jobs, or a runtime that runs one call at a time: one prefetch thread decodes the next batch while this
   process encodes.
@@ -23,7 +23,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -174,6 +174,7 @@ def recorded_code_maker(catalog_dir: str | os.PathLike, record: EngineRecord | N
 
 
 PR_SET_PDEATHSIG = 1
+T = TypeVar("T")
 
 
 def _die_with_parent(parent: int, _worker: int) -> None:
@@ -240,39 +241,33 @@ def encode_file_batch(encoder: Encoder, files: Sequence[Path]) -> EncodedBatch:
         return _encode_batch(encoder, _DecodedBatches(files, encoder.input_size, max(1, len(files)))[0])
 
 
-def _prefetched(batches: _DecodedBatches) -> Iterator[DecodedBatch]:
-    """Decoded batches from one thread that decodes the next batch while the caller encodes this one (Pillow
-    and torch both release the GIL)."""
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(batches.__getitem__, 0) if len(batches) else None
-        for index in range(len(batches)):
-            batch = pending.result()
-            if index + 1 < len(batches):
-                pending = pool.submit(batches.__getitem__, index + 1)
-            yield batch
+def _in_order(work: Callable[[int], T], count: int, threads: int) -> Iterator[T]:
+    """work(0) ... work(count - 1) on `threads` threads of this process (Pillow, torch and the runtimes release
+    the GIL), yielded in order, at most two per thread in flight: with one thread, the next runs while the caller
+    uses this one. A caller that stops early waits for those running, not for those queued."""
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(threads) as pool:
+        try:
+            for index in range(count):
+                pending.append(pool.submit(work, index))
+                if len(pending) == 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _in_streams(encoder: Encoder, batches: _DecodedBatches, streams: int) -> Iterator[EncodedBatch]:
-    """Batches decoded and encoded `streams` at a time, each on a thread of this process (Pillow and the
-    runtime release the GIL), yielded in order; at most two per stream are in flight."""
+    """Batches decoded and encoded `streams` at a time, each on a thread of this process, in order."""
     encoder = replace(encoder, inference=encoder.inference.in_streams(streams))
 
     def decode_and_encode(index: int) -> EncodedBatch:
         with torch.inference_mode():  # per thread
             return _encode_batch(encoder, batches[index])
 
-    pending: deque[Future] = deque()
-    with ThreadPoolExecutor(streams) as pool:
-        try:
-            for index in range(len(batches)):
-                pending.append(pool.submit(decode_and_encode, index))
-                if len(pending) == 2 * streams:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:  # a caller that stops early waits for the batches running, not for the queued ones
-            for future in pending:
-                future.cancel()
+    return _in_order(decode_and_encode, len(batches), streams)
 
 
 def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
@@ -293,6 +288,6 @@ def encode_files(encoder: Encoder, files: Sequence[Path], batch_size: int = 256,
             yield _encode_batch(encoder, batch)
     elif streams > 1 and encoder.inference.concurrent:
         yield from _in_streams(encoder, batches, streams)
-    else:
-        for batch in _prefetched(batches):
+    else:  # one thread decodes the next batch while this one encodes
+        for batch in _in_order(batches.__getitem__, len(batches), 1):
             yield _encode_batch(encoder, batch)

@@ -117,7 +117,7 @@ def _openvino(precision: str) -> Callable[["HashingNet", int], Features]:
 
 
 class _OpenVinoGraph:
-    """A graph compiled at its first call (a service that never sees a single photo never compiles the batch-1
+    """A graph compiled at its first use (a service that never sees a single photo never compiles the batch-1
     graph); an infer request serves one call at a time, so each calling thread has its own."""
 
     def __init__(self, graph: "openvino.Model", config: dict):
@@ -143,7 +143,8 @@ class _OpenVinoGraph:
 
 
 class _Lanes:
-    """`count` compilations of a graph on one thread each, every calling thread bound to one of them in turn:
+    """`count` compilations of a graph (its config gives each its threads), compiled at once, every calling thread
+    bound to one of them in turn:
     what OpenVINO's own streams (PERFORMANCE_HINT THROUGHPUT) should do, but with a second compiled model in the
     process they ran at times on one core between them (resnet50: 12-24 img/s instead of 23-45)."""
 

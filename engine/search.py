@@ -113,18 +113,17 @@ class Searcher:
     def model_loaded(self) -> bool:
         return self._encoder is not None
 
-    def warm_up(self) -> bool:
+    def warm_up(self) -> None:
         """Load the model and run one photo and one batch through it, so that the first searches by photo wait
-        for neither (a runtime converts and compiles each graph at its first use: seconds). False where the
+        for neither (a runtime converts and compiles each graph at its first use: seconds). Nothing where the
         catalog names no model and none was given."""
         if self._model_dir is None and (self.record is None or self.record.model_dir is None):
-            return False
+            return
         encoder = self.encoder
         blank = torch.zeros(2, 3, encoder.input_size, encoder.input_size, dtype=torch.uint8)
         with torch.inference_mode():
             encoder.encode(blank[:1])
             encoder.encode(blank)
-        return True
 
     @property
     def inference_path(self) -> str:

@@ -134,7 +134,6 @@ class Service:
         self.metrics.items.set(len(self.searcher.catalog))
         self.batcher = None if batching is None else EncodeBatcher(  # None: each photo encodes alone
             lambda pixels: self.searcher.encoder.encode(pixels), batching, self.metrics.batch_sizes.observe)
-        self._warmed = threading.Event()
         self._warming = threading.Thread(target=self._warm_up, name="model-warm-up", daemon=True)
         self._warming.start()
 
@@ -142,8 +141,7 @@ class Service:
         """The model loaded and compiled while the service starts answering (searches by id need none; a photo
         search that comes first waits for it). A failure here is the photo searches' to report."""
         try:
-            if self.searcher.warm_up():
-                self._warmed.set()
+            self.searcher.warm_up()
         except Exception as error:  # noqa: BLE001 - any load failure: the first photo search raises it again
             log.warning("the model did not load at start (%s): searches by photo will report it", error)
 
@@ -154,8 +152,8 @@ class Service:
 
     @property
     def model_ready(self) -> bool:
-        """Whether searches by photo find the model loaded: warmed up at start, or loaded by a search since."""
-        return self._warmed.is_set() or self.searcher.model_loaded
+        """Whether searches by photo find the model loaded: by the warm-up at start, or by a search since."""
+        return self.searcher.model_loaded
 
     def close(self) -> None:
         self._warming.join(WARM_UP_WAIT)  # a start still compiling is not waited for: the thread only reads the model

@@ -3,16 +3,17 @@
   python benchmarks/photo_path.py --backbone efficientnet_b0 --photos 64
   python benchmarks/photo_path.py --backbone resnet50 --photos 64 --paths eager openvino openvino-bf16
   python benchmarks/photo_path.py --backbone cifar_convnet --input-size 32 --photos 256
+  python benchmarks/photo_path.py --photos 256 --paths eager openvino-bf16 --lane-pixels 1605632  # whole calls too
   python benchmarks/photo_path.py --model runs/cifar48 --photos 256      # a trained model's answers
   python benchmarks/photo_path.py --model runs/cifar48 --images ../shared/data/cifar10-sample-png   # real files
 
 Writes `--photos` synthetic 1600x1200 JPEGs (benchmarks/indexing.py's, quality 90), or takes `--images`' files,
-and, per path: build img/s
-(build-index's pipeline for a large job, `engine.encode.encode_files`, decoding included, batch 32: eager in
-one worker process per core, a concurrent runtime in one thread per core of this process, each on its own
-stream, any other path in this process beside one prefetch thread), ms per single
-query's encode (batch 1, pre-decoded), GFLOP/s achieved (the backbone's FLOPs, 2 per multiply-add, counted by torch's
-FlopCounterMode) and its fraction of the host's peak, bit agreement with eager, and top-10 overlap with eager:
+and, per path: build img/s (build-index's pipeline for a large job, `engine.encode.encode_files`, decoding
+included, batch 32: eager in one worker process per core, a concurrent runtime in one thread per core of this
+process, each on its own stream, any other path in this process beside one prefetch thread), ms per single
+query's encode (batch 1, decoded as a query has it), GFLOP/s achieved (the backbone's FLOPs, 2 per multiply-add,
+counted by torch's FlopCounterMode) and its fraction of the host's peak, bit agreement with eager, and top-10
+overlap with eager:
 two-stage search (Hamming pool of 20, Euclidean re-rank) of each photo among the others, when queries and
 catalog come from the path ("same") and when the path's queries search eager's codes ("cross"). CPU time per
 image and per query are given too: on a host shared with other work, wall-clock rates follow the share of the
@@ -29,6 +30,7 @@ several-fold where trained weights would not, and runtimes flush them anyway. Th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -36,6 +38,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -43,7 +46,8 @@ import torch
 import common  # noqa: F401
 from common import machine
 from engine.encode import PROCESS_MIN_IMAGES, Encoder, default_streams, default_workers, encode_files
-from engine.inference import PATHS, auto_path
+from engine import inference
+from engine.inference import LANE_PIXELS, PATHS, auto_path
 from indexing import write_photos
 from training.images import list_images, load_image
 from training.model import create_backbone, hashing_net, load_model
@@ -101,20 +105,20 @@ def build_rate(encoder: Encoder, files: list[Path], one_stream: bool = False
     return len(files) / seconds, len(files) / cpu, codes, features
 
 
-def query_ms(encoders: dict[str, Encoder], images: torch.Tensor, queries: int, block: int = 6
+def query_ms(encoders: dict[str, Encoder], photos: list[torch.Tensor], queries: int, block: int = 6
              ) -> dict[str, tuple[float, float]]:
-    """Per path, median ms and CPU ms to encode one pre-decoded photo (batch 1), as a query does. The paths take
-    turns in blocks of `block` photos, each after one untimed photo: this shared VM swings (5.7-10 ms for the same
-    call minutes apart), and paths alternating photo by photo slow each other (one's threads still spin-wait on
-    the cores when the other starts: eager 42 ms instead of 16-22)."""
+    """Per path, median ms and CPU ms to encode one pre-decoded photo (batch 1, a view of its decoded HWC pixels),
+    as a query does. The paths take turns in blocks of `block` photos, each after one untimed photo: this shared
+    VM swings (5.7-10 ms for the same call minutes apart), and paths alternating photo by photo slow each other
+    (one's threads still spin-wait on the cores when the other starts: eager 42 ms instead of 16-22)."""
     samples = {name: ([], []) for name in encoders}
     with torch.inference_mode():
         for first in range(0, queries, block):
             for name, encoder in encoders.items():
-                encoder.encode(images[first % len(images)][None])
+                encoder.encode(photos[first % len(photos)][None])
                 for index in range(first, min(first + block, queries)):
                     start, cpu_start = time.perf_counter(), time.process_time()
-                    encoder.encode(images[index % len(images)][None])
+                    encoder.encode(photos[index % len(photos)][None])
                     samples[name][0].append(time.perf_counter() - start)
                     samples[name][1].append(time.process_time() - cpu_start)
     return {name: (1000 * statistics.median(wall), 1000 * statistics.median(cpu))
@@ -139,22 +143,42 @@ def overlap(found: list[set[int]], reference: list[set[int]]) -> float:
     return float(np.mean([len(a & b) / max(1, len(b)) for a, b in zip(found, reference)]))
 
 
+def ready(encoder: Encoder, images: torch.Tensor) -> Encoder:
+    """The encoder with its graphs converted and compiled (at first use): one photo's, a batch's and the build's
+    streams' (all compiled when built)."""
+    with torch.inference_mode():
+        encoder.encode(images[:1])
+        encoder.encode(images[:2])
+        if encoder.inference.concurrent:
+            encoder.inference.in_streams(default_streams(PROCESS_MIN_IMAGES, encoder, BATCH), BATCH
+                                         ).features(images[:2])
+    return encoder
+
+
+@contextlib.contextmanager
+def lanes_of(pixels: int) -> Iterator[None]:
+    """Streams built inside have `pixels` input pixels per call on a lane instead of LANE_PIXELS."""
+    default, inference.LANE_PIXELS = inference.LANE_PIXELS, pixels
+    try:
+        yield
+    finally:
+        inference.LANE_PIXELS = default
+
+
 def measure(args: argparse.Namespace, files: list[Path]) -> dict:
     base = make_encoder(args)
-    images = torch.stack([load_image(f, base.input_size) for f in files[:args.queries]])
+    photos = [load_image(f, base.input_size) for f in files[:args.queries]]  # as a query decodes them: views
+    images = torch.stack(photos)
     encoders = {}
     for name in args.paths:
         start = time.perf_counter()
-        encoders[name] = base.using(name)
-        with torch.inference_mode():
-            encoders[name].encode(images[:1])  # conversion / compilation happen at first use: one photo's graph,
-            encoders[name].encode(images[:2])  # a batch's,
-            if encoders[name].inference.concurrent:  # and the build's streams (all compiled when built)
-                encoders[name].inference.in_streams(default_streams(PROCESS_MIN_IMAGES, encoders[name], BATCH)
-                                                    ).features(images[:2])
+        encoders[name] = ready(base.using(name), images)
         print(f"{name}: ready in {time.perf_counter() - start:.1f}s", flush=True)
         if args.one_stream and encoders[name].inference.concurrent:
             encoders[name + ONE_STREAM] = encoders[name]
+        if args.lane_pixels and encoders[name].inference.concurrent:
+            with lanes_of(args.lane_pixels):
+                encoders[f"{name} ({args.lane_pixels} px a lane)"] = ready(base.using(name), images)
     rows = {name: dict(build=[], build_cpu=[], query=[], query_cpu=[]) for name in encoders}
     for _ in range(args.rounds):
         for name, encoder in encoders.items():
@@ -162,7 +186,7 @@ def measure(args: argparse.Namespace, files: list[Path]) -> dict:
             rows[name]["answers"] = (codes, features)
             rows[name]["build"].append(rate)
             rows[name]["build_cpu"].append(per_cpu)
-        for name, (wall, cpu) in query_ms(encoders, images, args.queries).items():
+        for name, (wall, cpu) in query_ms(encoders, photos, args.queries).items():
             rows[name]["query"].append(wall)
             rows[name]["query_cpu"].append(cpu)
     return dict(rows=rows, flops=backbone_flops(base), backbone=base.model.config.backbone)
@@ -177,7 +201,7 @@ def summarise(args: argparse.Namespace, measured: dict) -> dict:
     for name, row in rows.items():
         codes, features = row["answers"]
         build, query = statistics.median(row["build"]), statistics.median(row["query"])
-        precision = PATHS[name.removesuffix(ONE_STREAM)].precision
+        precision = PATHS[name.split(" (")[0]].precision
         gflops = build * flops / 1e9
         table[name] = dict(build_img_s=round(build, 2), query_ms=round(query, 2), gflops=round(gflops, 1),
                            build_img_cpu_s=round(statistics.median(row["build_cpu"]), 2),
@@ -228,6 +252,9 @@ def main() -> None:
     parser.add_argument("--one-stream", action="store_true",
                         help="also build on each concurrent path one call at a time beside one prefetch thread (the "
                         "pipeline without streams), as a row of its own")
+    parser.add_argument("--lane-pixels", type=int, help="also build on each concurrent path with this many input "
+                        f"pixels per call on a lane (engine.inference.LANE_PIXELS, {LANE_PIXELS}), as a row of "
+                        "its own: 1605632 (32 photos at 224 px) runs each batch whole")
     parser.add_argument("--flops-per-cycle", type=int, default=32, help="fp32 FLOP per cycle per core")
     parser.add_argument("--clock-ghz", type=float, help="the clock the peak assumes (default: /proc/cpuinfo's, "
                         "nominal in a VM; a boosting core exceeds that peak)")

@@ -34,7 +34,7 @@ from engine.errors import InputError
 from engine.inference import Inference, prepare
 from shards.codes import code_bytes
 from training.hashers import CodeMaker, load_code_maker
-from training.images import BadImage, load_image
+from training.images import BadImage, load_image, stack_images
 from training.model import HashingNet, load_model, pick_device
 
 
@@ -82,7 +82,7 @@ class _DecodedBatches(Dataset):
             else:
                 positions.append(position)
                 images.append(image)
-        return DecodedBatch(positions, torch.stack(images) if images else None, failures)
+        return DecodedBatch(positions, stack_images(images) if images else None, failures)
 
 
 @dataclass
@@ -261,7 +261,7 @@ def _in_order(work: Callable[[int], T], count: int, threads: int) -> Iterator[T]
 
 def _in_streams(encoder: Encoder, batches: _DecodedBatches, streams: int) -> Iterator[EncodedBatch]:
     """Batches decoded and encoded `streams` at a time, each on a thread of this process, in order."""
-    encoder = replace(encoder, inference=encoder.inference.in_streams(streams))
+    encoder = replace(encoder, inference=encoder.inference.in_streams(streams, batches.batch_size))
 
     def decode_and_encode(index: int) -> EncodedBatch:
         with torch.inference_mode():  # per thread

@@ -23,9 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from engine.errors import InputError
 
 if TYPE_CHECKING:
+    import openvino
     import torch
 
     from training.model import HashingNet
@@ -36,16 +39,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class InferencePath:
-    """One way to compute features. `build(model, streams)`: its features function; `runtime`: the module it
-    needs besides torch; `cpu_flags`: the units its precision needs (any one of them); `forks`: whether it may
+    """One way to compute features. `build(model, streams, batch)`: its features function; `runtime`: the module
+    it needs besides torch; `cpu_flags`: the units its precision needs (any one of them); `forks`: whether it may
     run inside the CPU build's forked worker processes (a runtime with its own thread pool must not be used
     across fork); `concurrent`: whether it can be built for `streams` calls at once, each on its share of the
-    cores, so that a large build decodes and encodes a batch per core as eager's forked workers do (the others
-    get streams=1)."""
+    cores, so that a large build decodes and encodes a batch per core as eager's forked workers do, `batch` images
+    per call (the others get streams=1, batch=None)."""
 
     name: str
     precision: str
-    build: Callable[["HashingNet", int], Features | None]
+    build: Callable[["HashingNet", int, int | None], Features | None]
     runtime: str | None = None
     cpu_flags: tuple[str, ...] = ()
     forks: bool = False
@@ -62,12 +65,12 @@ class InferencePath:
         return None
 
 
-def _eager(_model: "HashingNet", _streams: int) -> None:
+def _eager(_model: "HashingNet", _streams: int, _batch: int | None) -> None:
     """None: HashingNet.encode runs its own module (channels_last on a CPU), as training and evaluation do."""
     return None
 
 
-def _compiled(model: "HashingNet", _streams: int) -> Features:
+def _compiled(model: "HashingNet", _streams: int, _batch: int | None) -> Features:
     """torch.compile (inductor) with the weights frozen into the graph as constants, fed channels_last; a second
     batch size recompiles once with the batch axis dynamic (not one compile per size)."""
     import torch
@@ -78,7 +81,7 @@ def _compiled(model: "HashingNet", _streams: int) -> Features:
     return lambda images: compiled(images.contiguous(memory_format=torch.channels_last))
 
 
-def _onnxruntime(model: "HashingNet", _streams: int) -> Features:
+def _onnxruntime(model: "HashingNet", _streams: int, _batch: int | None) -> Features:
     """ONNX Runtime's CPU provider on the features exported through torch.onnx (batch axis dynamic)."""
     import io
 
@@ -96,32 +99,54 @@ def _onnxruntime(model: "HashingNet", _streams: int) -> Features:
     return lambda images: torch.from_numpy(session.run(None, {"images": _numpy(images)})[0]).to(images.device)
 
 
-def _openvino(precision: str) -> Callable[["HashingNet", int], Features]:
+def _openvino(precision: str) -> Callable[["HashingNet", int, int | None], Features]:
     """OpenVINO's CPU plugin at `precision` (its inference precision hint: f32, or bf16 on AVX512-BF16/AMX
     units, which keeps fp32 where its graph transformations judge bf16 unsafe). A single photo runs on the graph
     fixed at batch 1: 4.80 against 5.33 ms on the dynamic one (efficientnet_b0, bf16, AVX-512 EPYC, interleaved
-    medians). `streams` > 1 compiles the graph once per stream, each on its share of the cores, compiled at once
-    (a build uses them all)."""
-    def build(model: "HashingNet", streams: int) -> Features:
+    medians). `streams` > 1 compiles the graph once per stream, each on its share of the cores and fixed at
+    `lane_batch` images, compiled at once (a build uses them all)."""
+    def build(model: "HashingNet", streams: int, batch: int | None) -> Features:
         config: dict = {"INFERENCE_PRECISION_HINT": precision}
         graph = _openvino_graph(model)
         if streams > 1:
             threads = max(1, (os.cpu_count() or 1) // streams)
-            return _Lanes(graph, config | {"INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}, streams)
-        batched = _OpenVinoGraph(graph, config)
-        one = graph.clone()
-        one.reshape([1, *graph.input().get_partial_shape()[1:]])
-        single = _OpenVinoGraph(one, config)
+            config |= {"INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
+            lane = _fixed_batch(graph, lane_batch(batch, model.config.input_size)) if batch else graph
+            return _Lanes([_OpenVinoGraph(lane, config) for _ in range(streams)])
+        batched, single = _OpenVinoGraph(graph, config), _OpenVinoGraph(_fixed_batch(graph, 1), config)
         return lambda images: (single if len(images) == 1 else batched)(images)
     return build
 
 
+def _fixed_batch(graph: "openvino.Model", images: int) -> "openvino.Model":
+    """A copy of the graph with its batch axis fixed: static shapes run faster than the dynamic axis."""
+    fixed = graph.clone()
+    fixed.reshape([images, *graph.input().get_partial_shape()[1:]])
+    return fixed
+
+
+LANE_PIXELS = 4 * 224 * 224  # input pixels per call on a one-thread lane, at most: its activations stay near the
+# core. build-index's pipeline, efficientnet_b0 bf16 on 1600x1200 JPEGs: 1.06-1.10x the img/s of whole 32-photo
+# calls (convnext_tiny 1.02x, resnet50 1.01x: RESULTS, "Photo path"); at 32-64 px a batch of 32 is under it
+
+
+def lane_batch(batch: int, input_size: int) -> int:
+    """Images per call on a lane: the size of the fewest parts of at most LANE_PIXELS input pixels each that a
+    batch splits into, as equal as can be (the last part is padded to it)."""
+    largest = max(1, LANE_PIXELS // input_size ** 2)
+    batch = max(1, batch)
+    return -(-batch // -(-batch // largest))
+
+
 class _OpenVinoGraph:
     """A graph compiled at its first use (a service that never sees a single photo never compiles the batch-1
-    graph); an infer request serves one call at a time, so each calling thread has its own."""
+    graph); an infer request serves one call at a time, so each calling thread has its own. A graph whose batch
+    is fixed (`_fixed_batch`) runs a call in parts of that many images, the last one padded."""
 
     def __init__(self, graph: "openvino.Model", config: dict):
+        batch_axis = graph.input().get_partial_shape()[0]
         self.graph, self.config = graph, config
+        self.fixed = batch_axis.get_length() if batch_axis.is_static else None
         self._compiled = None
         self._lock = threading.Lock()
         self._requests = threading.local()
@@ -137,19 +162,31 @@ class _OpenVinoGraph:
     def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
         import torch
 
+        pixels = _numpy(images)  # parts and padding in numpy, as _numpy says why
+        if self.fixed is None:
+            return torch.from_numpy(self._infer(pixels)).to(images.device)
+        parts = []
+        for start in range(0, len(pixels), self.fixed):
+            part = pixels[start:start + self.fixed]
+            if len(part) < self.fixed:
+                part = np.concatenate([part, np.zeros((self.fixed - len(part), *part.shape[1:]), part.dtype)])
+            parts.append(self._infer(part))
+        return torch.from_numpy(np.concatenate(parts)[:len(pixels)]).to(images.device)
+
+    def _infer(self, pixels: np.ndarray) -> np.ndarray:
         if not hasattr(self._requests, "request"):
             self._requests.request = self.compiled().create_infer_request()
-        return torch.from_numpy(self._requests.request.infer([_numpy(images)])[0].copy()).to(images.device)
+        return self._requests.request.infer([pixels])[0].copy()  # the request's own buffer is reused
 
 
 class _Lanes:
-    """`count` compilations of a graph (its config gives each its threads), compiled at once, every calling thread
+    """Compilations of a graph (their configs give each its threads), compiled at once, every calling thread
     bound to one of them in turn:
     what OpenVINO's own streams (PERFORMANCE_HINT THROUGHPUT) should do, but with a second compiled model in the
     process they ran at times on one core between them (resnet50: 12-24 img/s instead of 23-45)."""
 
-    def __init__(self, graph: "openvino.Model", config: dict, count: int):
-        self._lanes = [_OpenVinoGraph(graph, config) for _ in range(count)]
+    def __init__(self, lanes: list[_OpenVinoGraph]):
+        self._lanes = lanes
         for lane in self._lanes:
             lane.compiled()
         self._turn = itertools.count()
@@ -184,9 +221,11 @@ def _openvino_graph(model: "HashingNet") -> "openvino.Model":
         return _graphs[model]
 
 
-def _numpy(images: "torch.Tensor"):
-    """A runtime's input: contiguous NCHW uint8 pixels in host memory."""
-    return images.detach().cpu().contiguous().numpy()
+def _numpy(images: "torch.Tensor") -> np.ndarray:
+    """A runtime's input: contiguous NCHW uint8 pixels in host memory. A decoded photo is a view of its HWC
+    pixels: numpy copies it on this thread, where torch's parallel copy left OpenMP threads spinning on the
+    runtime's cores (efficientnet_b0 bf16, one photo as a query decodes it: 5.66 against 9.07 ms)."""
+    return np.ascontiguousarray(images.detach().cpu().numpy())
 
 
 BF16_UNITS = ("avx512_bf16", "amx_bf16")
@@ -203,9 +242,9 @@ PATH_CHOICES = ("auto", *PATHS)
 # What `auto` runs per backbone family at an input size of at least AUTO_MIN_INPUT_SIZE: the first path of its row
 # that can run here, else eager. Measured side by side with eager by benchmarks/photo_path.py on a 2 vCPU EPYC
 # with AVX-512 and AVX512-BF16, no AMX, 224 px (benchmarks/RESULTS.md, "Photo path"), build-index decoding and
-# encoding a batch per core: openvino-bf16 built efficientnet_b0 2.9-3.1x, resnet50 2.7x and convnext_tiny 2.3-2.4x as
-# many images per second as eager (decoding included) and encoded a single photo in 0.29-0.47 of its time, top-10
-# results 0.996-1.000 the same. Hosts without bf16 units were not measured, so there the rows find nothing and eager
+# encoding a batch per core: openvino-bf16 built efficientnet_b0 2.9-3.4x, resnet50 2.7-2.9x and convnext_tiny 2.4-2.5x
+# as many images per second as eager (decoding included) and encoded a single photo in 0.27-0.47 of its time, top-10
+# results 0.991-1.000 the same. Hosts without bf16 units were not measured, so there the rows find nothing and eager
 # runs; so do the families not measured and smaller inputs: the runtime now builds those faster too (cifar_convnet
 # at 32 px 1.35-1.98x, resnet18 at 64 px 1.68x), but with OpenVINO in every test process (auto on the CIFAR test
 # model) the suite's process died of SIGSEGV spawning a subprocess, which must be understood first.
@@ -250,12 +289,13 @@ def runnable(name: str, device_type: str) -> str:
 class Inference:
     """A path for one model, built on first use in the process that uses it: a forked worker or a Ray actor
     (which gets it pickled, without what was built) builds its own, as runtimes' sessions cannot cross either.
-    `streams`: calls it serves at once (a concurrent path only)."""
+    `streams`: calls it serves at once (a concurrent path only), of `batch` images each (None: any number)."""
 
-    def __init__(self, name: str = "eager", model: "HashingNet | None" = None, streams: int = 1):
-        self.name, self.model, self.streams = name, model, streams
+    def __init__(self, name: str = "eager", model: "HashingNet | None" = None, streams: int = 1,
+                 batch: int | None = None):
+        self.name, self.model, self.streams, self.batch = name, model, streams, batch
         self._built: tuple[Features | None] | None = None
-        self._variants: dict[int, Inference] = {}  # by streams, built once per process
+        self._variants: dict[tuple[int, int], Inference] = {}  # by streams and batch, built once per process
         self._lock = threading.Lock()
 
     @property
@@ -266,25 +306,27 @@ class Inference:
     def concurrent(self) -> bool:
         return PATHS[self.name].concurrent
 
-    def in_streams(self, streams: int) -> Inference:
-        """This path for `streams` calls at once (compiled for them at its first use, then kept)."""
+    def in_streams(self, streams: int, batch: int) -> Inference:
+        """This path for `streams` calls of `batch` images at once (compiled for them at its first use, then
+        kept)."""
         if not self.concurrent:
             raise ValueError(f"inference path {self.name} runs one call at a time")
-        if streams == self.streams:
+        batch = batch if streams > 1 else None  # one call at a time takes any batch
+        if (streams, batch) == (self.streams, self.batch):
             return self
         with self._lock:
-            return self._variants.setdefault(streams, Inference(self.name, self.model, streams))
+            return self._variants.setdefault((streams, batch), Inference(self.name, self.model, streams, batch))
 
     @property
     def features(self) -> Features | None:
         """uint8 images -> features on this path (None: the model's own module, eager)."""
         with self._lock:
             if self._built is None:
-                self._built = (PATHS[self.name].build(self.model, self.streams),)
+                self._built = (PATHS[self.name].build(self.model, self.streams, self.batch),)
             return self._built[0]
 
     def __getstate__(self) -> dict:
-        return {"name": self.name, "model": self.model, "streams": self.streams}
+        return {"name": self.name, "model": self.model, "streams": self.streams, "batch": self.batch}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)

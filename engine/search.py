@@ -18,7 +18,8 @@ from shards import Catalog, CatalogError, CatalogReader, Hits, StageTimings
 from shards.filters import Filter, stored_label
 from shards.ranking import pool_size
 from engine.errors import BadCropBox, InputError
-from training.images import MAX_PIXELS, BadCrop, BadImage, CropBox, load_image, load_image_bytes
+from training.images import (MAX_PIXELS, BadCrop, BadImage, CropBox, load_image, load_image_bytes,
+                             stack_images)
 from training.model import pick_device
 
 
@@ -179,7 +180,7 @@ class Searcher:
         is the caller's InputError, worded `problem: why`."""
         timings = timings if timings is not None else self.timings
         start = time.perf_counter()
-        batch = torch.stack([decode_or_refuse(load, problem) for load in loaders])
+        batch = stack_images([decode_or_refuse(load, problem) for load in loaders])
         decoded = time.perf_counter()
         codes, features = self.encoder.encode(batch)
         timings.decode += decoded - start

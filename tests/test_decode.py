@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 from PIL import Image
 
 from engine.fetch import FetchFailed, check_image
-from training.images import BadImage, load_image, load_image_bytes
+from training.images import BadImage, load_image, load_image_bytes, stack_images
 
 
 def test_a_png_over_the_limit_is_refused_before_its_pixels_are_read():
@@ -45,3 +46,14 @@ def test_other_formats_never_reach_their_decoders(format, tmp_path):
         load_image(tmp_path / "photo.jpg", 32)
     with pytest.raises(FetchFailed, match="not an image file"):
         check_image(buffer.getvalue(), "https://shop.example/photo.jpg")
+
+
+def test_decoded_photos_stack_into_one_contiguous_batch():
+    photos = []
+    for colour in ("red", "blue"):
+        file = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(file, "PNG")
+        photos.append(load_image_bytes(file.getvalue(), 16))
+    assert not photos[0].is_contiguous()  # a view of the decoded HWC pixels
+    batch = stack_images(photos)
+    assert batch.is_contiguous() and batch.dtype == torch.uint8 and torch.equal(batch, torch.stack(photos))

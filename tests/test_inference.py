@@ -17,7 +17,7 @@ from engine.api.service import Service
 from engine.build_index import REPORT_FILE, _inference_path, build_index, main as build_index_main
 from engine.encode import Encoder, encode_files, load_encoder
 from engine.errors import InputError
-from engine.inference import PATHS, auto_path, prepare
+from engine.inference import PATHS, auto_path, lane_batch, prepare
 from engine.record import EngineRecord, read_record, write_record
 from engine.search import Searcher
 from shards.errors import CatalogError
@@ -135,10 +135,13 @@ def test_the_catalog_records_its_path_and_queries_by_another_find_the_same(image
         assert health["inference_path"] == name and health["model_ready"] is True
 
 
-def test_encoding_in_workers_or_streams_equals_this_process(image_folder, trained_model):
+def test_encoding_in_workers_or_streams_equals_this_process(image_folder, trained_model, monkeypatch):
     """The CPU pipelines: eager encodes in forked workers, a runtime's path beside decoding workers, a concurrent
-    runtime a batch per stream in threads of this process; each gives the prefetch pipeline's answers, in order."""
+    runtime a batch per stream in threads of this process (each call in parts of a graph's fixed batch, the last
+    padded); each gives the prefetch pipeline's answers, in order."""
+    monkeypatch.setattr("engine.inference.LANE_PIXELS", 3 * 32 * 32)  # 7-image batches in parts of 3, 3 and 1
     files = sorted(list_images(image_folder))
+    assert len(files) % 7 == 2  # and the last batch in one part of 2
     for name in RUNNING_HERE:
         encoder = Encoder(load_model(trained_model)).using(name)
         alone = list(encode_files(encoder, files, batch_size=16, workers=0, streams=1))
@@ -151,10 +154,17 @@ def test_encoding_in_workers_or_streams_equals_this_process(image_folder, traine
             assert [p for b in in_streams for p in b.positions] == list(range(len(files)))
             features = np.concatenate([b.features for b in in_streams])
             assert relative_error(features, alone_features) < FEATURE_ERROR[PATHS[name].precision], name
-            assert encoder.inference.in_streams(2) is encoder.inference.in_streams(2)  # compiled once
+            assert encoder.inference.in_streams(2, 7) is encoder.inference.in_streams(2, 7)  # compiled once
+            assert encoder.inference.in_streams(1, 7) is encoder.inference  # one call at a time: any batch
             stopped = encode_files(encoder, files, batch_size=2, workers=0, streams=2)
             assert next(stopped).positions == [0, 1]
             stopped.close()  # a caller that stops early: the queued batches are dropped, nothing hangs
+
+
+def test_a_lane_runs_a_batch_in_equal_parts_that_fit_its_pixels():
+    assert lane_batch(32, 224) == 4 and lane_batch(30, 224) == 4 and lane_batch(5, 224) == 3
+    assert lane_batch(32, 32) == 32 and lane_batch(256, 32) == 128 and lane_batch(300, 32) == 150
+    assert lane_batch(8, 1024) == 1
 
 
 def test_a_record_names_a_known_path(tmp_path):

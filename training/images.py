@@ -16,8 +16,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-
-from typing import TYPE_CHECKING, BinaryIO, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Iterator, Sequence
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -131,6 +130,18 @@ def load_image_bytes(data: bytes, size: int, max_pixels: int = MAX_PIXELS,
                      crop: CropBox | None = None) -> "torch.Tensor":
     """`load_image` for an image file's bytes (an upload)."""
     return _decode(io.BytesIO(data), size, max_pixels, crop)
+
+
+def stack_images(images: Sequence["torch.Tensor"]) -> "torch.Tensor":
+    """Decoded images (3, S, S) as one contiguous uint8 batch, copied by numpy on this thread: torch's parallel
+    copy left OpenMP threads spinning on the cores an inference runtime's threads needed (efficientnet_b0 on
+    openvino-bf16, one photo, three processes: 10.2 / 10.6 / 8.4 ms after torch.stack, 8.6 / 8.5 / 4.9 after
+    numpy's)."""
+    import torch
+
+    batch = np.empty((len(images), *images[0].shape), np.uint8)  # C order: np.stack alone keeps a view's
+    np.stack([image.numpy() for image in images], out=batch, casting="no")
+    return torch.from_numpy(batch)
 
 
 def _decode(file: BinaryIO, size: int, max_pixels: int, crop: CropBox | None = None) -> "torch.Tensor":

@@ -23,7 +23,7 @@ import torch
 
 from engine.errors import EngineError, InputError
 from engine.search import UNUSABLE_UPLOAD, Timings, decode_or_refuse
-from training.images import CropBox, load_image_bytes
+from training.images import CropBox, load_image_bytes, stack_images
 
 EncodeBatch = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]  # uint8 (N, 3, S, S) -> codes, features
 
@@ -159,7 +159,7 @@ class EncodeBatcher:
         try:
             if self._on_batch is not None:
                 self._on_batch(len(batch))
-            codes, features = self._encode(torch.stack([waiting.pixels for waiting in batch]))
+            codes, features = self._encode(stack_images([waiting.pixels for waiting in batch]))
         except Exception as error:
             for waiting in batch:
                 waiting.error = RuntimeError(f"encoding a batch of photos failed: {type(error).__name__}: {error}")

@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import logging
 import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import numpy as np
 from engine.errors import InputError
 
 if TYPE_CHECKING:
+    import types
+
     import openvino
     import torch
 
@@ -154,9 +157,7 @@ class _OpenVinoGraph:
     def compiled(self) -> "openvino.CompiledModel":
         with self._lock:
             if self._compiled is None:
-                import openvino
-
-                self._compiled = openvino.Core().compile_model(self.graph, "CPU", self.config)
+                self._compiled = _import_openvino().Core().compile_model(self.graph, "CPU", self.config)
             return self._compiled
 
     def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
@@ -207,11 +208,11 @@ _tracing = threading.Lock()  # torch's tracer is not thread-safe: two Inferences
 def _openvino_graph(model: "HashingNet") -> "openvino.Model":
     """The features traced into an OpenVINO graph once per process (seconds for a resnet50); both precisions
     compile from it."""
-    import openvino
     import torch
 
     from training.model import FeatureExtractor
 
+    openvino = _import_openvino()
     with _tracing:
         if model not in _graphs:
             size = model.config.input_size
@@ -219,6 +220,29 @@ def _openvino_graph(model: "HashingNet") -> "openvino.Model":
             _graphs[model] = openvino.convert_model(FeatureExtractor(model).eval(), example_input=example,
                                                     input=[(-1, 3, size, size)])
         return _graphs[model]
+
+
+def _import_openvino() -> "types.ModuleType":
+    """openvino with its usage telemetry off. Unless a user has run `opt_in_out --opt_out` (or runs in CI), its
+    import sends an event to Google Analytics and its model converter 20 more for one conversion, each from a
+    process that a thread of its own forks beside the runtime's and torch's running threads: that hung this
+    project's test process in one run and likely killed it with SIGSEGV in another. Imported here first, its
+    converter takes the stub it has for a missing telemetry package; imported elsewhere first, its converter is
+    pointed at that stub."""
+    if "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import fails: the stub is taken
+        try:
+            importlib.import_module("openvino")
+        finally:
+            del sys.modules["openvino_telemetry"]
+    import openvino
+
+    try:
+        from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
+    except ImportError:  # another layout: tests/test_inference.py says so
+        return openvino
+    convert_impl.tm = telemetry_utils.tm = telemetry_stub
+    return openvino
 
 
 def _numpy(images: "torch.Tensor") -> np.ndarray:

@@ -6,6 +6,10 @@ import copy
 import importlib.util
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +163,30 @@ def test_encoding_in_workers_or_streams_equals_this_process(image_folder, traine
             stopped = encode_files(encoder, files, batch_size=2, workers=0, streams=2)
             assert next(stopped).positions == [0, 1]
             stopped.close()  # a caller that stops early: the queued batches are dropped, nothing hangs
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_openvino_sends_no_telemetry(tmp_path):
+    """Outside CI, with no opt-out file in the home folder, OpenVINO's import and converter would send usage events,
+    each from a process forked beside our threads (engine/inference.py, _import_openvino)."""
+    script = """
+import os
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+import torch
+from engine.encode import Encoder
+from training.model import create_backbone, hashing_net
+model = hashing_net(create_backbone("cifar_convnet_small"), "cifar_convnet_small", 16, ["a", "b"], 32).eval()
+with torch.inference_mode():
+    Encoder(model).using("openvino").encode(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+print(len(forks), os.path.exists(os.path.expanduser("~/intel")))
+"""
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("CI", "TF_BUILD", "JENKINS_URL")} | {"HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                         cwd=Path(__file__).parent.parent, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0", "False"]  # no fork, nothing written to ~/intel
 
 
 def test_a_lane_runs_a_batch_in_equal_parts_that_fit_its_pixels():

@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-
 from engine.errors import InputError
 
 if TYPE_CHECKING:
     import types
 
+    import numpy as np
     import openvino
     import torch
 
@@ -161,6 +160,7 @@ class _OpenVinoGraph:
             return self._compiled
 
     def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
+        import numpy as np
         import torch
 
         pixels = _numpy(images)  # parts and padding in numpy, as _numpy says why
@@ -174,7 +174,7 @@ class _OpenVinoGraph:
             parts.append(self._infer(part))
         return torch.from_numpy(np.concatenate(parts)[:len(pixels)]).to(images.device)
 
-    def _infer(self, pixels: np.ndarray) -> np.ndarray:
+    def _infer(self, pixels: "np.ndarray") -> "np.ndarray":
         if not hasattr(self._requests, "request"):
             self._requests.request = self.compiled().create_infer_request()
         return self._requests.request.infer([pixels])[0].copy()  # the request's own buffer is reused
@@ -224,31 +224,41 @@ def _openvino_graph(model: "HashingNet") -> "openvino.Model":
 
 def _import_openvino() -> "types.ModuleType":
     """openvino with its usage telemetry off. Unless a user has run `opt_in_out --opt_out` (or runs in CI), its
-    import sends an event to Google Analytics and its model converter 20 more for one conversion, each from a
-    process that a thread of its own forks beside the runtime's and torch's running threads: that hung this
-    project's test process in one run and likely killed it with SIGSEGV in another. Imported here first, its
-    converter takes the stub it has for a missing telemetry package; imported elsewhere first, its converter is
+    import and model converter send usage events to Google Analytics (20 for an import and one conversion), each
+    from a process that a thread of the telemetry package forks beside the runtime's and torch's running threads:
+    a test process here hung in one such fork. Imported here first, openvino's converter takes the stub it has for
+    a missing telemetry package; imported elsewhere first (its import event then sent), its converter's modules are
     pointed at that stub."""
-    if "openvino" not in sys.modules and "openvino_telemetry" not in sys.modules:
-        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # import fails: the stub is taken
+    with _importing:
+        if "openvino" not in sys.modules:
+            saved = sys.modules.get("openvino_telemetry")
+            sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # its import fails: the stub
+            try:
+                importlib.import_module("openvino")
+            finally:
+                if saved is None:
+                    sys.modules.pop("openvino_telemetry", None)
+                else:
+                    sys.modules["openvino_telemetry"] = saved
+        import openvino
+
         try:
-            importlib.import_module("openvino")
-        finally:
-            del sys.modules["openvino_telemetry"]
-    import openvino
-
-    try:
-        from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils
-    except ImportError:  # another layout: tests/test_inference.py says so
+            from openvino.tools.ovc import convert_impl, telemetry_stub, telemetry_utils, utils
+        except ImportError:  # if ovc's layout changes, test_openvino_sends_no_telemetry fails
+            return openvino
+        convert_impl.tm = telemetry_utils.tm = utils.tm = telemetry_stub
         return openvino
-    convert_impl.tm = telemetry_utils.tm = telemetry_stub
-    return openvino
 
 
-def _numpy(images: "torch.Tensor") -> np.ndarray:
+_importing = threading.Lock()
+
+
+def _numpy(images: "torch.Tensor") -> "np.ndarray":
     """A runtime's input: contiguous NCHW uint8 pixels in host memory. A decoded photo is a view of its HWC
     pixels: numpy copies it on this thread, where torch's parallel copy left OpenMP threads spinning on the
     runtime's cores (efficientnet_b0 bf16, one photo as a query decodes it: 5.66 against 9.07 ms)."""
+    import numpy as np
+
     return np.ascontiguousarray(images.detach().cpu().numpy())
 
 
@@ -271,7 +281,9 @@ PATH_CHOICES = ("auto", *PATHS)
 # results 0.991-1.000 the same. Hosts without bf16 units were not measured, so there the rows find nothing and eager
 # runs; so do the families not measured and smaller inputs: the runtime now builds those faster too (cifar_convnet
 # at 32 px 1.35-1.98x, resnet18 at 64 px 1.68x), but with OpenVINO in every test process (auto on the CIFAR test
-# model) the suite's process died of SIGSEGV spawning a subprocess, which must be understood first.
+# model) the suite's process died of SIGSEGV: a Python object of its main thread overwritten while subprocess.run
+# waited on a child, 30 threads alive (OpenVINO's TBB, torch's OpenMP); still so with OpenVINO's telemetry forks
+# gone (RESULTS, "Lanes at a fixed batch, and no torch copies beside the runtime"). That must be understood first.
 AUTO_TABLE: dict[str, tuple[str, ...]] = {
     "convnext": ("openvino-bf16",),
     "efficientnet": ("openvino-bf16",),

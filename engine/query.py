@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from engine.cli import (bounded_int, check_catalog_folder, check_input_file, check_output_file, program_name,
                         run_cli)
 from engine.errors import InputError
+from engine.inference import PATHS
 
 if TYPE_CHECKING:
     from engine.batch import BatchQuery
@@ -58,6 +59,9 @@ def format_table(query: str, results: list[Result]) -> str:
 
 MAX_ID = 2**63 - 1  # ids are 63-bit (engine.record.item_id)
 JSONL_CHUNK = 256  # JSON-lines queries encoded and searched together
+RUNTIME_MIN_PHOTOS = 128  # fewer query images on the command line encode eager, whatever the catalog's path: a
+# runtime's conversion and compile cost the run ~2 s (one photo on a 224-px efficientnet_b0 catalog: 4.3-4.6 s
+# eager against 6.3-6.5 s on openvino-bf16, whole runs) and save ~15 ms a photo, even at ~130 (benchmarks/RESULTS.md)
 
 
 def crop_text(text: str) -> str:
@@ -105,6 +109,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "instance, 'auto' or HOST:PORT joins a cluster (results equal the in-process search)")
     parser.add_argument("--shards-per-actor", type=bounded_int(1), default=1, help="with --ray (default %(default)s)")
     parser.add_argument("--model", help="model directory (default: the one that built the catalog)")
+    parser.add_argument("--inference-path", choices=PATHS, help="how query images are encoded (default: eager for "
+                        f"fewer than {RUNTIME_MIN_PHOTOS} images on the command line, whose run a runtime's start-up "
+                        "would slow, else, and with --jsonl, the catalog's path; paths find nearly the same items)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page of the results")
@@ -225,6 +232,13 @@ def answer_lines(searcher: Searcher, args: argparse.Namespace) -> None:
             sys.stdout.flush()
 
 
+def query_path(args: argparse.Namespace) -> str | None:
+    """--inference-path, else eager for a few photos on the command line (None: the catalog's path)."""
+    if args.inference_path is not None:
+        return args.inference_path
+    return "eager" if args.jsonl is None and len(args.images) < RUNTIME_MIN_PHOTOS else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             with Searcher(args.catalog, args.model, args.device, ray=args.ray,
-                          shards_per_actor=args.shards_per_actor) as searcher:
+                          shards_per_actor=args.shards_per_actor, inference_path=query_path(args)) as searcher:
                 if args.jsonl is not None:
                     answer_lines(searcher, args)
                 else:

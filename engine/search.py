@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.encode import Encoder, load_encoder
-from engine.inference import runnable
+from engine.inference import PATHS, runnable
 from engine.record import item_id, read_record
 from shards import Catalog, CatalogError, CatalogReader, Hits, StageTimings
 from shards.filters import Filter, stored_label
@@ -73,11 +73,14 @@ class Searcher:
 
     def __init__(self, catalog_dir: str | os.PathLike, model_dir: str | os.PathLike | None = None,
                  device: str = "auto", threads: int | None = None, ray: str | None = None,
-                 shards_per_actor: int = 1):
+                 shards_per_actor: int = 1, inference_path: str | None = None):
         """`threads`: Faiss threads per search (default: the catalog's choice); a server that runs searches
         concurrently uses 1 and lets the requests fill the cores. `ray`: serve the shards from Ray actors
         (`shards.cluster`) at this address (`local`, `auto` or HOST:PORT), `shards_per_actor` each; results
-        equal the in-process catalog's."""
+        equal the in-process catalog's. `inference_path`: a path of engine/inference.py to encode query images on
+        (default: the catalog's; another path finds nearly the same items)."""
+        if inference_path is not None and inference_path not in PATHS:
+            raise InputError(f"inference path must be one of {', '.join(PATHS)}, not {inference_path!r}")
         self.catalog_dir = Path(catalog_dir)
         self.catalog: CatalogReader
         if ray is None:
@@ -88,6 +91,7 @@ class Searcher:
             self.catalog = RayCatalog(self.catalog_dir, ray, shards_per_actor)
         self.record = read_record(self.catalog_dir)  # engine.json, read once: the model, code maker, image folders
         self._model_dir = model_dir
+        self._inference_path = inference_path
         self._device = device
         self._encoder = None
         self._loading = threading.Lock()  # concurrent first photo searches load the model once
@@ -102,7 +106,8 @@ class Searcher:
         """Loaded on first use: searching by catalog id needs no model."""
         with self._loading:
             if self._encoder is None:
-                encoder = load_encoder(self.catalog_dir, self._model_dir, self._device, self.record)
+                encoder = load_encoder(self.catalog_dir, self._model_dir, self._device, self.record,
+                                       self._inference_path)
                 if encoder.fingerprint != self.catalog.manifest.model_fingerprint:
                     raise CatalogError(f"model {self._model_dir or 'recorded in the catalog'} "
                                        f"({encoder.fingerprint}) did not make the codes of {self.catalog_dir} "
@@ -132,8 +137,8 @@ class Searcher:
         it will take (the catalog's, or eager where that cannot run here)."""
         if self._encoder is not None:
             return self._encoder.inference.name
-        recorded = self.record.inference_path if self.record is not None else "eager"
-        return runnable(recorded, pick_device(self._device).type)
+        chosen = self._inference_path or (self.record.inference_path if self.record is not None else "eager")
+        return runnable(chosen, pick_device(self._device).type)
 
     def encode(self, images: Sequence[str | os.PathLike], crops: Sequence[CropBox | None] | None = None,
                timings: Timings | None = None) -> tuple[np.ndarray, np.ndarray]:

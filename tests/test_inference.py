@@ -7,6 +7,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from engine.build_index import REPORT_FILE, _inference_path, build_index, main a
 from engine.encode import Encoder, encode_files, load_encoder
 from engine.errors import InputError
 from engine.inference import PATHS, auto_path, lane_batch, prepare
+from engine.query import main as query_main, parse_args as parse_query_args, query_path
 from engine.record import EngineRecord, read_record, write_record
 from engine.search import Searcher
 from shards.errors import CatalogError
@@ -137,6 +139,33 @@ def test_the_catalog_records_its_path_and_queries_by_another_find_the_same(image
         assert service.searcher.encoder.inference._built is not None
         health = client.get("/healthz").json()
         assert health["inference_path"] == name and health["model_ready"] is True
+
+
+def test_a_few_query_photos_on_the_command_line_skip_the_runtimes_start_up(image_folder, trained_model, tmp_path,
+                                                                          capsys):
+    """engine.query encodes a few photos eager, whatever the catalog's path (a runtime's conversion and compile
+    would cost the run seconds), and finds the same items as on the catalog's path."""
+    if "openvino" not in RUNNING_HERE:
+        pytest.skip("openvino is not installed")
+    catalog = tmp_path / "catalog"
+    build_index(image_folder, trained_model, catalog, shards=2, progress=False, inference_path="openvino")
+    photos = []
+    for number, file in enumerate(sorted(list_images(image_folder))[::24]):  # new files: not read from the catalog
+        photos.append(str(tmp_path / f"query{number}.png"))
+        shutil.copy(file, photos[-1])
+    assert query_path(parse_query_args(["--catalog", str(catalog), *photos])) == "eager"
+    assert query_path(parse_query_args(["--catalog", str(catalog), "--jsonl", "queries.jsonl"])) is None
+    assert query_path(parse_query_args(["--catalog", str(catalog), "--inference-path", "openvino", *photos])) \
+        == "openvino"
+    with Searcher(catalog, inference_path="eager") as searcher:
+        assert searcher.inference_path == "eager" and searcher.encoder.inference.name == "eager"
+    with pytest.raises(InputError, match="inference path must be one of"):
+        Searcher(catalog, inference_path="auto")
+    found = []
+    for flags in ([], ["--inference-path", "openvino"]):
+        assert query_main(["--catalog", str(catalog), "--json", "-k", "10", *flags, *photos]) == 0
+        found.append([{r["id"] for r in answer["results"]} for answer in json.loads(capsys.readouterr().out)])
+    assert np.mean([len(a & b) / 10 for a, b in zip(*found)]) >= 0.9
 
 
 def test_encoding_in_workers_or_streams_equals_this_process(image_folder, trained_model, monkeypatch):

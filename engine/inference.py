@@ -156,7 +156,7 @@ class _OpenVinoGraph:
     def compiled(self) -> "openvino.CompiledModel":
         with self._lock:
             if self._compiled is None:
-                self._compiled = _import_openvino().Core().compile_model(self.graph, "CPU", self.config)
+                self._compiled = _core().compile_model(self.graph, "CPU", self.config)
             return self._compiled
 
     def __call__(self, images: "torch.Tensor") -> "torch.Tensor":
@@ -253,6 +253,14 @@ def _import_openvino() -> "types.ModuleType":
 _importing = threading.Lock()
 
 
+@functools.cache
+def _core() -> "openvino.Core":
+    """One OpenVINO Core for the process. With a Core made for each compilation and dropped after it (the earlier
+    way), the suite's process died of SIGSEGV once OpenVINO ran in most tests (a Python object overwritten in the
+    main thread, in both runs at the same test); with one Core the same suite ran through (one run)."""
+    return _import_openvino().Core()
+
+
 def _numpy(images: "torch.Tensor") -> "np.ndarray":
     """A runtime's input: contiguous NCHW uint8 pixels in host memory. A decoded photo is a view of its HWC
     pixels: numpy copies it on this thread, where torch's parallel copy left OpenMP threads spinning on the
@@ -281,9 +289,10 @@ PATH_CHOICES = ("auto", *PATHS)
 # results 0.991-1.000 the same. Hosts without bf16 units were not measured, so there the rows find nothing and eager
 # runs; so do the families not measured and smaller inputs: the runtime now builds those faster too (cifar_convnet
 # at 32 px 1.35-1.98x, resnet18 at 64 px 1.68x), but with OpenVINO in every test process (auto on the CIFAR test
-# model) the suite's process died of SIGSEGV: a Python object of its main thread overwritten while subprocess.run
-# waited on a child, 30 threads alive (OpenVINO's TBB, torch's OpenMP); still so with OpenVINO's telemetry forks
-# gone (RESULTS, "Lanes at a fixed batch, and no torch copies beside the runtime"). That must be understood first.
+# model) the suite's process died of SIGSEGV, which did not recur with one OpenVINO Core per process (`_core`, one
+# full run); left: on small jobs the runtime is slower (one prefetch thread: 0.65-0.80x), each process converts and
+# compiles (~1.1 s), and tests assume eager's bits (Ray's actors encode eager): RESULTS, "Lanes at a fixed batch,
+# and no torch copies beside the runtime".
 AUTO_TABLE: dict[str, tuple[str, ...]] = {
     "convnext": ("openvino-bf16",),
     "efficientnet": ("openvino-bf16",),

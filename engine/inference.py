@@ -22,7 +22,7 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from engine.errors import InputError
 
@@ -320,10 +320,10 @@ def auto_path(backbone: str, input_size: int, device_type: str) -> str:
     return next((name for name in candidates if PATHS[name].unavailable(device_type) is None), "eager")
 
 
-def check_path_name(name: str) -> None:
-    """InputError for a name that is neither a path nor `auto`."""
-    if name not in PATH_CHOICES:
-        raise InputError(f"inference path must be one of {', '.join(PATH_CHOICES)}, not {name!r}")
+def check_path_name(name: str, choices: Sequence[str] = PATH_CHOICES) -> None:
+    """InputError for a name that is not one of `choices` (the paths and `auto`)."""
+    if name not in choices:
+        raise InputError(f"inference path must be one of {', '.join(choices)}, not {name!r}")
 
 
 def runnable(name: str, device_type: str) -> str:

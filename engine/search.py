@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.encode import Encoder, load_encoder
-from engine.inference import PATHS, runnable
+from engine.inference import PATHS, check_path_name, runnable
 from engine.record import item_id, read_record
 from shards import Catalog, CatalogError, CatalogReader, Hits, StageTimings
 from shards.filters import Filter, stored_label
@@ -79,8 +79,8 @@ class Searcher:
         (`shards.cluster`) at this address (`local`, `auto` or HOST:PORT), `shards_per_actor` each; results
         equal the in-process catalog's. `inference_path`: a path of engine/inference.py to encode query images on
         (default: the catalog's; another path finds nearly the same items)."""
-        if inference_path is not None and inference_path not in PATHS:
-            raise InputError(f"inference path must be one of {', '.join(PATHS)}, not {inference_path!r}")
+        if inference_path is not None:
+            check_path_name(inference_path, choices=tuple(PATHS))  # a path itself: `auto` is the catalog's to pick
         self.catalog_dir = Path(catalog_dir)
         self.catalog: CatalogReader
         if ray is None:
